@@ -1,1 +1,12 @@
-from __future__ import annotations
+"""Prune a trained CNN until its latency, measured on the target device, fits a budget.
+
+Public API (DESIGN.md):
+    nhsic(x, y)                 normalised HSIC with a linear kernel (linear CKA)
+    compress(...)               the whole job; returns the report dict
+    load_pruned_model(plan)     reload a pruned model from its plan + safetensors
+"""
+from compressor.api import compress, load_pruned_model
+from compressor.importance import nhsic
+
+__all__ = ["compress", "load_pruned_model", "nhsic"]
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Backend registry: name -> factory, and which backends this host can use.
+
+Only implemented backends have factories; the others are listed so `compress doctor`
+can say what a GPU host would need, and `get_backend` refuses them with that reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from deploy.backends.availability import BACKEND_NEEDS, probe_backend
+from deploy.backends.base import Backend, Measurement, Runner
+from deploy.errors import BadInput, DeviceUnavailable
+
+ALL_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cuda", "tensorrt")
+
+
+def _onnxruntime_cpu() -> Backend:
+    from deploy.backends.onnxruntime_cpu import OnnxRuntimeCPU
+
+    return OnnxRuntimeCPU()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"onnxruntime-cpu": _onnxruntime_cpu}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    usable: bool
+    reason: str
+
+
+def backend_status() -> list[BackendStatus]:
+    """Every known backend with whether it can run here and why (version found / what is missing)."""
+    out = []
+    for name in ALL_BACKENDS:
+        ok, reason = probe_backend(name)
+        if ok and name not in BACKENDS:
+            ok, reason = False, f"{reason} found, but this backend is not implemented yet"
+        out.append(BackendStatus(name, ok, reason))
+    return out
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; DeviceUnavailable (naming what is missing) if it cannot run here."""
+    if name not in ALL_BACKENDS:
+        raise BadInput(f"unknown backend '{name}'; known: {', '.join(ALL_BACKENDS)}")
+    ok, reason = probe_backend(name)
+    if not ok:
+        raise DeviceUnavailable(f"backend {name} needs {BACKEND_NEEDS[name]}: {reason}")
+    if name not in BACKENDS:
+        raise DeviceUnavailable(f"backend {name} ({reason}) is not implemented in this version; use onnxruntime-cpu")
+    return BACKENDS[name]()
+
+
+__all__ = [
+    "ALL_BACKENDS",
+    "BACKENDS",
+    "Backend",
+    "BackendStatus",
+    "Measurement",
+    "Runner",
+    "backend_status",
+    "get_backend",
+]

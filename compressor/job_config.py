@@ -1,0 +1,239 @@
+"""The job: what to compress, for which target, under which budget.
+
+A `JobConfig` is built from `./compress.yaml` (if present) overlaid with command-line
+flags; flags win. It is validated here, once, so every later stage can trust it.
+
+`compress.yaml` uses the same names as the flags, with dashes or underscores:
+
+    model: resnet56
+    weights: weights/resnet56.pt
+    data: imagefolder:data/parts
+    target: jetson-orin
+    latency_ms: 5            # or: budget: {latency_ms: 5}
+    finetune_epochs: 3
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from compressor.errors import BadInput
+from compressor.quantities import parse_quantity
+
+BUDGET_KINDS = ("latency_ms", "speedup", "flops", "params")
+IMPORTANCE_METHODS = ("nhsic", "uniform")
+RANKING_METHODS = ("l1",)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget. `speedup` is a relative latency budget: baseline latency / value."""
+
+    kind: str
+    value: float
+
+    def describe(self) -> str:
+        if self.kind == "latency_ms":
+            return f"latency <= {self.value:g} ms"
+        if self.kind == "speedup":
+            return f"speedup >= {self.value:g}x (latency <= baseline / {self.value:g})"
+        return f"{self.kind} <= {_human(self.value)}"
+
+
+def _human(value: float) -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{suffix}"
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: str
+    data: str
+    budget: Budget
+    out: Path
+    weights: Path | None = None
+    target: str = "cpu"
+    input_size: tuple[int, int] | None = None
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    calib_size: int = 256
+    seed: int = 0
+    importance: str = "nhsic"
+    ranking: str = "l1"
+    max_iterations: int = 4
+    batch_size: int | None = None
+    warmup: int | None = None
+    iterations: int | None = None
+    min_keep_ratio: float = 0.1
+    force: bool = False
+    resume: bool = False
+    source: dict = field(default_factory=dict, compare=False)
+
+    def fingerprint(self) -> dict:
+        """What must match for `--resume` to continue an earlier run in the same folder."""
+        keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
+                "seed", "importance", "ranking", "batch_size", "min_keep_ratio")
+        fp = {k: _jsonable(getattr(self, k)) for k in keys}
+        fp["weights"] = str(self.weights) if self.weights else None
+        fp["budget"] = dataclasses.asdict(self.budget)
+        return fp
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# Keys a compress.yaml may hold (dashes normalised to underscores).
+_YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
+              "calib_size", "seed", "importance", "ranking", "max_iterations", "batch_size", "warmup",
+              "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
+
+
+def read_config_file(path: Path) -> dict:
+    """Read compress.yaml (safe_load). Missing file -> {}."""
+    if not path.exists():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise BadInput(f"{path}: not valid YAML{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise BadInput(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    normalised = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    unknown = sorted(set(normalised) - _YAML_KEYS)
+    if unknown:
+        raise BadInput(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_YAML_KEYS))}")
+    budget = normalised.pop("budget", None)
+    if budget is not None:
+        if not isinstance(budget, dict):
+            raise BadInput(f"{path}: 'budget' must be a mapping such as {{latency_ms: 5}}")
+        for k, v in budget.items():
+            key = str(k).replace("-", "_")
+            if key not in BUDGET_KINDS:
+                raise BadInput(f"{path}: unknown budget kind {k!r}; use one of {', '.join(BUDGET_KINDS)}")
+            if key in normalised:
+                raise BadInput(f"{path}: budget {key} given twice")
+            normalised[key] = v
+    return normalised
+
+
+def pick_budget(values: Mapping[str, Any], *, where: str) -> Budget | None:
+    """Exactly one budget among `values`; None if there is none."""
+    given = [(k, values[k]) for k in BUDGET_KINDS if values.get(k) is not None]
+    if len(given) > 1:
+        names = " and ".join("--" + k.replace("_", "-") for k, _ in given)
+        raise BadInput(f"{where}: give exactly one budget, got {names}")
+    if not given:
+        return None
+    kind, raw = given[0]
+    value = parse_quantity(raw, what="--" + kind.replace("_", "-"))
+    if value <= 0:
+        raise BadInput(f"--{kind.replace('_', '-')} must be > 0, got {raw}")
+    if kind == "speedup" and value < 1:
+        raise BadInput(f"--speedup must be >= 1 (a speedup below 1 asks for a slower model), got {raw}")
+    return Budget(kind, value)
+
+
+def parse_input_size(value: Any) -> tuple[int, int] | None:
+    """`32`, `32x40`, [32, 40] -> (H, W)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
+    elif isinstance(value, int):
+        parts = [value, value]
+    else:
+        text = str(value).lower().replace(" ", "")
+        parts = text.split("x") if "x" in text else [text, text]
+    try:
+        h, w = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise BadInput(f"--input-size: expected N or HxW (e.g. 32 or 32x48), got {value!r}") from None
+    if h < 8 or w < 8:
+        raise BadInput(f"--input-size: models need at least 8x8 inputs, got {h}x{w}")
+    return h, w
+
+
+def default_out_dir(now: _dt.datetime | None = None) -> Path:
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return Path("runs") / now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("compress.yaml")) -> JobConfig:
+    """Merge compress.yaml and flags (flags win; None means 'not given') and validate."""
+    file_values = read_config_file(config_path)
+    merged: dict[str, Any] = dict(file_values)
+    flag_budget = pick_budget(flags, where="command line")
+    if flag_budget is not None:  # a budget on the command line replaces the file's budget
+        for k in BUDGET_KINDS:
+            merged.pop(k, None)
+    for key, value in flags.items():
+        if value is not None:
+            merged[key] = value
+    budget = flag_budget or pick_budget(merged, where=str(config_path))
+    if budget is None:
+        raise BadInput("no budget: give one of --latency-ms, --speedup, --flops, --params")
+    for required in ("model", "data"):
+        if not merged.get(required):
+            raise BadInput(f"--{required} is required (on the command line or in {config_path})")
+
+    def positive_int(name: str, minimum: int = 1) -> int | None:
+        value = merged.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise BadInput(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    importance = str(merged.get("importance", "nhsic"))
+    if importance not in IMPORTANCE_METHODS:
+        raise BadInput(f"--importance: unknown {importance!r}; choose from {', '.join(IMPORTANCE_METHODS)}")
+    ranking = str(merged.get("ranking", "l1"))
+    if ranking not in RANKING_METHODS:
+        raise BadInput(f"--ranking: unknown {ranking!r}; choose from {', '.join(RANKING_METHODS)}")
+    min_keep_ratio = float(merged.get("min_keep_ratio", 0.1))
+    if not 0 < min_keep_ratio <= 1:
+        raise BadInput(f"--min-keep-ratio must be in (0, 1], got {min_keep_ratio}")
+    finetune_lr = float(merged.get("finetune_lr", 0.01))
+    if finetune_lr <= 0:
+        raise BadInput(f"--finetune-lr must be > 0, got {finetune_lr}")
+    weights = merged.get("weights")
+    out = merged.get("out")
+    return JobConfig(
+        model=str(merged["model"]),
+        data=str(merged["data"]),
+        budget=budget,
+        out=Path(out) if out else default_out_dir(),
+        weights=Path(weights) if weights else None,
+        target=str(merged.get("target") or "cpu"),
+        input_size=parse_input_size(merged.get("input_size")),
+        finetune_epochs=positive_int("finetune_epochs", 0) if merged.get("finetune_epochs") is not None else 1,
+        finetune_lr=finetune_lr,
+        calib_size=positive_int("calib_size", 2) or 256,
+        seed=positive_int("seed", 0) if merged.get("seed") is not None else 0,
+        importance=importance,
+        ranking=ranking,
+        max_iterations=positive_int("max_iterations") or 4,
+        batch_size=positive_int("batch_size"),
+        warmup=positive_int("warmup", 0),
+        iterations=positive_int("iterations", 5),
+        min_keep_ratio=min_keep_ratio,
+        force=bool(merged.get("force", False)),
+        resume=bool(merged.get("resume", False)),
+        source={"config_file": str(config_path) if file_values else None},
+    )

@@ -1,0 +1,396 @@
+"""The compression job, stage by stage: the loop of DESIGN.md.
+
+    baseline (measured) -> groups + cost model -> layer importance -> channel ranking
+    -> [solve -> prune -> export -> measure -> correct]* -> fine-tune -> export + parity
+    -> final measurement -> report
+
+`run_job(config)` returns the report dict; `report["met"]` says whether the measured
+result fits the budget (the CLI turns that into exit code 0 or 3).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.allocation import Allocation, solve_allocation
+from compressor.channel_plan import ChannelPlan
+from compressor.channel_ranking import channel_scores, select_top
+from compressor.console import StageConsole
+from compressor.cost_model import CostModel
+from compressor.data import DataSplits, load_data
+from compressor.groups import PrunableGroup, discover_groups
+from compressor.importance import layer_importance
+from compressor.job_config import JobConfig
+from compressor.latency_estimate import LatencyFromMacs
+from compressor.model_loading import build_model, check_input_shape, load_weights
+from compressor.pruning import apply_plan, save_pruned
+from compressor.report import build_report, write_report
+from compressor.run_directory import RunDirectory
+from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
+from deploy.backends import get_backend
+from deploy.backends.base import Backend, Measurement
+from deploy.onnx_export import check_parity, export_onnx
+from deploy.profiles import TargetProfile, load_profile
+from deploy.target_check import check_target_available
+from deploy.telemetry import TelemetrySampler, collect_environment
+
+log = logging.getLogger("compressor")
+
+# Accept a measured latency in [ACCEPT_LOW * budget, budget]; aim a little under the budget so that
+# measurement noise on the final engine does not push a plan that fitted in the loop over it.
+ACCEPT_LOW = 0.90
+AIM = 0.97
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-3
+
+
+@dataclass
+class JobContext:
+    """Everything the stages share, built once at the start of a job."""
+
+    config: JobConfig
+    profile: TargetProfile
+    backend: Backend
+    data: DataSplits
+    model: torch.nn.Module
+    input_shape: tuple[int, int, int]  # C, H, W
+    batch_size: int
+    run: RunDirectory
+    console: StageConsole
+    timings: dict[str, float] = field(default_factory=lambda: {
+        "importance": 0.0, "ranking": 0.0, "solve": 0.0, "finetune": 0.0, "measure": 0.0, "total": 0.0})
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, *self.input_shape)
+
+    @property
+    def warmup(self) -> int:
+        return self.config.warmup if self.config.warmup is not None else self.profile.warmup
+
+    @property
+    def iterations(self) -> int:
+        return self.config.iterations or self.profile.iterations
+
+
+def prepare_job(config: JobConfig, console: StageConsole) -> JobContext:
+    """Everything that can fail on bad input fails here, before any long work starts."""
+    profile = load_profile(config.target)
+    check_target_available(profile)
+    backend = get_backend(profile.backend)
+    run = RunDirectory(config.out, fingerprint=config.fingerprint(), force=config.force, resume=config.resume)
+    data = load_data(config.data, input_size=config.input_size, seed=config.seed, calib_size=config.calib_size)
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
+    if config.weights is not None:
+        load_weights(model, config.weights)
+    model.eval()
+    input_shape = (data.in_channels, *data.input_size)
+    check_input_shape(model, input_shape)
+    run.prepare()  # only now: a job that fails validation leaves --out untouched
+    return JobContext(config=config, profile=profile, backend=backend, data=data, model=model,
+                      input_shape=input_shape, batch_size=config.batch_size or profile.batch_size,
+                      run=run, console=console)
+
+
+def finish(ctx: JobContext, report: dict) -> dict:
+    write_report(report, ctx.run.path)
+    ctx.run.save_stage("report", report)
+    return report
+
+
+def measure_onnx(ctx: JobContext, onnx_path: Path, label: str) -> Measurement:
+    """Measure one ONNX file on the target, with telemetry alongside."""
+    started = time.perf_counter()
+    shape = (ctx.batch_size, *ctx.input_shape)
+    with TelemetrySampler(ctx.profile.telemetry) as sampler:
+        measurement = ctx.backend.measure(onnx_path, shape, warmup=ctx.warmup, iterations=ctx.iterations,
+                                          max_cv=ctx.profile.max_cv)
+    measurement.telemetry = sampler.result()
+    if measurement.latency.noisy:
+        ctx.console.warn(f"{label}: latency CV {measurement.latency.cv:.1%} stayed above "
+                         f"{ctx.profile.max_cv:.0%} after re-measuring; the machine is noisy")
+    ctx.timings["measure"] += time.perf_counter() - started
+    log.info("measured %s: median %.4f ms (p90 %.4f, cv %.3f)", label, measurement.latency.median_ms,
+             measurement.latency.p90_ms, measurement.latency.cv)
+    return measurement
+
+
+def export_and_measure(ctx: JobContext, model: torch.nn.Module, path: Path, label: str) -> Measurement:
+    export_onnx(model, ctx.example_input, path)
+    return measure_onnx(ctx, path, label)
+
+
+@dataclass
+class SearchResult:
+    keep: dict[str, int]
+    allocation: Allocation | None
+    loop: list[dict]
+    feasible: bool
+    smallest_latency_ms: float | None
+    message: str
+
+
+def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int) -> list[int]:
+    """The smallest width each group may have: a ratio of its channels, aligned, never 0."""
+    counts = []
+    for g in groups:
+        if not g.prunable:
+            counts.append(g.channels)
+            continue
+        k = max(g.min_keep, math.ceil(ratio * g.channels), 1)
+        k = min(g.channels, math.ceil(k / alignment) * alignment)
+        counts.append(k)
+    return counts
+
+
+def _plan_from_keep(scores: dict[str, torch.Tensor], groups: list[PrunableGroup], keep: dict[str, int]) -> ChannelPlan:
+    return select_top({g.name: scores[g.name] for g in groups if g.prunable},
+                      {g.name: keep[g.name] for g in groups if g.prunable})
+
+
+def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep) -> Allocation:
+    started = time.perf_counter()
+    allocation = solve_allocation(
+        names=[g.name for g in groups], channels=[g.channels for g in groups],
+        importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
+        cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment, min_keep=min_keep,
+        min_keep_ratio=ctx.config.min_keep_ratio)
+    ctx.timings["solve"] += time.perf_counter() - started
+    return allocation
+
+
+def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, scores, budget_ms: float,
+                   baseline_ms: float, workdir: Path) -> SearchResult:
+    """The closed loop for a latency budget: solve, prune, export, measure, correct."""
+    full = cost_model.full_keep
+    estimate = LatencyFromMacs()
+    estimate.add(cost_model.macs(full), baseline_ms)
+    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
+    min_keep_map = dict(zip(cost_model.group_names, min_keep))
+
+    # The smallest model this job can build: measuring it bounds what any budget can reach.
+    smallest = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, _plan_from_keep(scores, groups, min_keep_map))
+    smallest_ms = export_and_measure(ctx, smallest, workdir / "smallest.onnx", "smallest plan").latency.median_ms
+    estimate.add(cost_model.macs(np.array(min_keep)), smallest_ms)
+    loop = [{"iteration": 0, "predicted_latency_ms": None, "measured_latency_ms": smallest_ms,
+             "macs": cost_model.macs(np.array(min_keep)), "note": "smallest plan (every group at its minimum)"}]
+    if smallest_ms > budget_ms:
+        return SearchResult(min_keep_map, None, loop, False, smallest_ms,
+                            f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
+                            f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
+
+    candidates: list[tuple[float, dict, Allocation]] = []  # (measured ms, keep, allocation) within budget
+    if smallest_ms >= ACCEPT_LOW * budget_ms:
+        candidates.append((smallest_ms, min_keep_map, None))
+    for iteration in range(1, ctx.config.max_iterations + 1):
+        if candidates and candidates[-1][0] >= ACCEPT_LOW * budget_ms:
+            break
+        allocation = _solve(ctx, groups, importance, lambda k: estimate.predict(cost_model.macs(k)),
+                            AIM * budget_ms, min_keep)
+        keep_vec = np.array([allocation.keep[n] for n in cost_model.group_names])
+        predicted = estimate.predict(cost_model.macs(keep_vec))
+        pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, _plan_from_keep(scores, groups, allocation.keep))
+        measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
+                                      f"iteration {iteration}").latency.median_ms
+        macs = cost_model.macs(keep_vec)
+        estimate.add(macs, measured)
+        loop.append({"iteration": iteration, "predicted_latency_ms": predicted, "measured_latency_ms": measured,
+                     "macs": macs, "solver": allocation.solver})
+        ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
+                         f"(budget {budget_ms:.4g} ms)")
+        if measured <= budget_ms:
+            candidates.append((measured, allocation.keep, allocation))
+            candidates.sort(key=lambda c: c[0])
+    if not candidates:
+        return SearchResult(min_keep_map, None, loop, True, smallest_ms,
+                            "no iteration fitted the budget; falling back to the smallest plan")
+    measured, keep, allocation = candidates[-1]  # the slowest (so widest) plan that still fits
+    return SearchResult(keep, allocation, loop, True, smallest_ms, "")
+
+
+def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:
+    """FLOPs/params budgets: the cost model is exact, so one solve decides the plan."""
+    cost = cost_model.macs if kind == "flops" else cost_model.params
+    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
+    allocation = _solve(ctx, groups, importance, cost, budget, min_keep)
+    feasible = allocation.cost <= budget
+    message = "" if feasible else (f"{kind} budget {budget:.4g} is below the smallest model this job can build "
+                                   f"({allocation.cost:.4g} at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
+    return SearchResult(allocation.keep, allocation, [], feasible, None, message)
+
+
+def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
+    """Accuracy of the exported file itself on the validation split (what gets deployed)."""
+    runner = ctx.backend.create_runner(onnx_path)
+    correct = 0
+    for start in range(0, len(ctx.data.val_x), 256):
+        logits = runner.run(ctx.data.val_x[start:start + 256].numpy())
+        correct += int((np.argmax(logits, axis=1) == ctx.data.val_y[start:start + 256].numpy()).sum())
+    return correct / len(ctx.data.val_x)
+
+
+def model_summary(measurement: Measurement | None, macs: float, params: float, accuracy: float | None,
+                  **extra) -> dict:
+    return {"latency_ms": measurement.latency.to_report() if measurement else None,
+            "flops": float(macs), "params": float(params), "accuracy": accuracy, **extra}
+
+
+def run_job(config: JobConfig, console: StageConsole | None = None) -> dict:
+    console = console or StageConsole(quiet=True)
+    started = time.perf_counter()
+    ctx = prepare_job(config, console)
+    out = ctx.run.path
+    handler = logging.FileHandler(out / "compress.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        return _run_stages(ctx, started)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run_stages(ctx: JobContext, started: float) -> dict:
+    config, console, data, model = ctx.config, ctx.console, ctx.data, ctx.model
+    out = ctx.run.path
+    workdir = out / "work"
+    workdir.mkdir(exist_ok=True)
+    console.info(f"[bold]compress[/bold] {config.model} on {data.describe()}")
+    console.info(f"target {ctx.profile.name}: {ctx.backend.name} on {ctx.backend.device_name()}, "
+                 f"{ctx.profile.precision}, batch {ctx.batch_size}; budget: {config.budget.describe()}")
+    if ctx.run.resumed:
+        finished = ctx.run.load_stage("report")
+        if finished:
+            console.info(f"{out} already holds a finished run; nothing to do")
+            return finished
+        console.info(f"resuming {out}")
+
+    # Baseline: accuracy in torch, latency on the target.
+    baseline_accuracy = evaluate(model, data.val_x, data.val_y)
+    groups = discover_groups(model, ctx.example_input)
+    cost_model = CostModel.build(model, ctx.example_input, groups)
+    full = cost_model.full_keep
+    base_macs, base_params = cost_model.macs(full), cost_model.params(full)
+    with console.stage("measuring the baseline on the target"):
+        baseline_measurement = export_and_measure(ctx, model, workdir / "baseline.onnx", "baseline")
+    baseline_ms = baseline_measurement.latency.median_ms
+    baseline = model_summary(baseline_measurement, base_macs, base_params, baseline_accuracy)
+    console.info(f"baseline: {baseline_ms:.4g} ms median, {base_macs / 1e6:.4g}M MACs, "
+                 f"{base_params / 1e6:.4g}M params, accuracy {baseline_accuracy:.2%}")
+
+    kind, value = config.budget.kind, config.budget.value
+    if kind in ("latency_ms", "speedup"):
+        budget_kind, budget_value = "latency_ms", (value if kind == "latency_ms" else baseline_ms / value)
+    else:
+        budget_kind, budget_value = kind, value
+    budget = {"kind": budget_kind, "value": budget_value}
+    if kind == "speedup":
+        budget["requested"] = {"kind": "speedup", "value": value, "baseline_latency_ms": baseline_ms}
+    notes: list[str] = []
+    baseline_cost = {"latency_ms": baseline_ms, "flops": base_macs, "params": base_params}[budget_kind]
+
+    t = time.perf_counter()
+    scores = channel_scores(model, groups, method=config.ranking)
+    ctx.timings["ranking"] += time.perf_counter() - t
+    importance_scores: dict[str, float] = {g.name: 1.0 for g in groups}
+    importance_details: dict = {}
+    if baseline_cost <= budget_value:
+        notes.append(f"the budget ({budget_value:.4g} {budget_kind}) is at or above the baseline "
+                     f"({baseline_cost:.4g}): nothing was pruned")
+        search = SearchResult({n: int(c) for n, c in zip(cost_model.group_names, full)}, None, [], True, None, "")
+    else:
+        with console.stage(f"layer importance ({config.importance})"):
+            t = time.perf_counter()
+            cached = ctx.run.load_stage("importance")
+            if cached:
+                importance_scores, importance_details = cached["scores"], cached.get("details", {})
+            else:
+                result = layer_importance(model, groups, data.calib_x, method=config.importance)
+                importance_scores, importance_details = dict(result.scores), {"method": result.method}
+                ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
+            ctx.timings["importance"] += time.perf_counter() - t
+        cached = ctx.run.load_stage("search")
+        if cached:
+            search = SearchResult(cached["keep"], None, cached["loop"], cached["feasible"],
+                                  cached["smallest_latency_ms"], cached["message"])
+        elif budget_kind == "latency_ms":
+            with console.stage("searching for a plan that fits the measured budget"):
+                search = search_latency(ctx, groups, cost_model, importance_scores, scores, budget_value,
+                                        baseline_ms, workdir)
+        else:
+            search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
+        ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,
+                                      "smallest_latency_ms": search.smallest_latency_ms, "message": search.message})
+        if search.message:
+            notes.append(search.message)
+
+    keep_vec = np.array([search.keep[n] for n in cost_model.group_names])
+    pruned_nothing = bool(np.all(keep_vec == full))
+
+    if not search.feasible:
+        console.warn(search.message)
+        compressed = {"latency_ms": ({"median": search.smallest_latency_ms} if search.smallest_latency_ms else None),
+                      "flops": cost_model.macs(keep_vec), "params": cost_model.params(keep_vec), "accuracy": None,
+                      "smallest_buildable": True}
+        report = build_report(ctx=ctx, budget=budget, met=False, baseline=baseline, compressed=compressed,
+                              loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
+                              cost_model=cost_model, artifacts={"onnx": None, "weights": None, "engine": None},
+                              notes=notes, started=started, baseline_measurement=baseline_measurement,
+                              final_measurement=None)
+        return finish(ctx, report)
+
+    # Physical pruning, BN recalibration, fine-tuning with distillation from the original.
+    plan = _plan_from_keep(scores, groups, search.keep)
+    pruned = apply_plan(copy.deepcopy(model), ctx.example_input, plan)
+    t = time.perf_counter()
+    if not pruned_nothing:
+        recalibrate_bn(pruned, data.train_x)
+        if config.finetune_epochs > 0:
+            with console.stage("fine-tuning with distillation", total=config.finetune_epochs) as advance:
+                finetune_with_distillation(pruned, model, data, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                           seed=config.seed, progress=lambda done, total, info: advance(
+                                               1, f"val {info.get('val_accuracy', float('nan')):.2%}"))
+    ctx.timings["finetune"] += time.perf_counter() - t
+    pruned.eval()
+    torch_accuracy = evaluate(pruned, data.val_x, data.val_y)
+
+    # Export the deliverable, check it against torch, measure it, score it as deployed.
+    onnx_path = out / "model.onnx"
+    export_onnx(pruned, ctx.example_input, onnx_path)
+    parity = check_parity(pruned, onnx_path, data.val_x[:64], atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    if not parity.passed:
+        raise RuntimeError(f"ONNX parity check failed: max abs diff {parity.max_abs_diff:.3g} "
+                           f"(atol {PARITY_ATOL}, rtol {PARITY_RTOL})")
+    with console.stage("measuring the compressed model on the target"):
+        final_measurement = measure_onnx(ctx, onnx_path, "compressed")
+    accuracy = onnx_accuracy(ctx, onnx_path)
+    weights = save_pruned(pruned, plan, out, model_spec=config.model, num_classes=data.num_classes,
+                          in_channels=data.in_channels, input_shape=list(ctx.input_shape))
+    final_cost = {"latency_ms": final_measurement.latency.median_ms, "flops": cost_model.macs(keep_vec),
+                  "params": cost_model.params(keep_vec)}[budget_kind]
+    met = final_cost <= budget_value * (1 + 1e-9)
+    if budget_kind == "latency_ms" and search.loop:
+        search.loop.append({"iteration": "final", "predicted_latency_ms": None,
+                            "measured_latency_ms": final_measurement.latency.median_ms,
+                            "macs": cost_model.macs(keep_vec), "note": "the delivered model.onnx, fine-tuned"})
+    if not met:
+        notes.append(f"budget not met: measured {final_cost:.4g} > {budget_value:.4g} {budget_kind}")
+    compressed = model_summary(final_measurement, cost_model.macs(keep_vec), cost_model.params(keep_vec), accuracy,
+                               accuracy_torch=torch_accuracy,
+                               parity={"max_abs_diff": parity.max_abs_diff, "atol": PARITY_ATOL,
+                                       "rtol": PARITY_RTOL, "passed": parity.passed, "samples": parity.n_samples})
+    artifacts = {"onnx": "model.onnx", "weights": Path(weights["weights"]).name,
+                 "plan": Path(weights["plan"]).name, "engine": None, "log": "compress.log"}
+    report = build_report(ctx=ctx, budget=budget, met=met, baseline=baseline, compressed=compressed,
+                          loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
+                          cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
+                          baseline_measurement=baseline_measurement, final_measurement=final_measurement)
+    return finish(ctx, report)
