@@ -94,12 +94,20 @@ class _Grid:
                         dtype=np.int64)
 
 
+# u(x) and u'(x) of a group's keep ratio x in (0, 1].
+UTILITIES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "linear": (lambda x: x, lambda x: np.ones_like(x)),
+    "log": (lambda x: np.log(np.maximum(x, 1e-12)), lambda x: 1.0 / np.maximum(x, 1e-12)),
+}
+
+
 class _Problem:
     """Everything the search needs: grid, weights, cost and budget."""
 
-    def __init__(self, grid: _Grid, weights: np.ndarray, cost_fn: CostFn, budget: float):
+    def __init__(self, grid: _Grid, weights: np.ndarray, cost_fn: CostFn, budget: float, utility: str = "linear"):
         self.grid = grid
         self.w = weights                          # normalised importance, 0 for fixed groups
+        self.u, self.du = UTILITIES[utility]
         self.cost_fn = cost_fn
         self.budget = budget
         self.calls = 0
@@ -111,8 +119,17 @@ class _Problem:
             raise BadInput(f"the cost function returned {value} for a channel plan")
         return value
 
+    def group_utility(self, counts: np.ndarray) -> np.ndarray:
+        """w_g * u(k_g / C_g) per group (0 for fixed groups)."""
+        return self.w * self.u(np.asarray(counts, dtype=np.float64) / self.grid.channels)
+
     def utility(self, counts: np.ndarray) -> float:
-        return float(np.sum(self.w * counts / self.grid.channels))
+        return float(np.sum(self.group_utility(counts)))
+
+    def step_utility(self, i: int, k_from: float, k_to: float) -> float:
+        """Utility change of group i when its width moves from k_from to k_to."""
+        c = self.grid.channels[i]
+        return float(self.w[i] * (self.u(np.float64(k_to) / c) - self.u(np.float64(k_from) / c)))
 
     # -- greedy moves ---------------------------------------------------------------------
     def shrink(self, pos: np.ndarray, stride: np.ndarray | None = None) -> np.ndarray:
@@ -130,7 +147,7 @@ class _Problem:
                 trial[i] = g.values[i][new_pos]
                 c = self.cost(trial)
                 saved = cost - c
-                lost = self.w[i] * (counts[i] - trial[i]) / g.channels[i]
+                lost = -self.step_utility(i, counts[i], trial[i])
                 # Key: (does not save cost, utility lost per cost saved, -saved).
                 key = (saved <= 0, lost / saved if saved > 0 else lost, -saved)
                 if best_key is None or key < best_key:
@@ -162,7 +179,7 @@ class _Problem:
                 if c > self.budget:
                     continue
                 added = c - cost
-                gain = self.w[i] * (trial[i] - counts[i]) / g.channels[i]
+                gain = self.step_utility(i, counts[i], trial[i])
                 # Free (or cost-reducing) steps first, then the best gain per cost; among
                 # zero-gain steps the cheapest, so leftover budget is still used.
                 key = (added > 0, -(gain / added) if added > 0 else -gain, added)
@@ -192,7 +209,8 @@ class _Problem:
         counts = g.counts(pos)
         best_u = self.utility(counts)
         for _ in range(max_moves):
-            loss = np.where(pos > 0, self.w * (counts - g.counts(np.maximum(pos - 1, 0))) / g.channels, np.inf)
+            loss = np.where(pos > 0, self.group_utility(counts) - self.group_utility(g.counts(np.maximum(pos - 1, 0))),
+                            np.inf)
             improved = False
             for i in np.argsort(loss, kind="stable").tolist():
                 if not np.isfinite(loss[i]):
@@ -303,7 +321,7 @@ def _slsqp(prob: _Problem, movable: np.ndarray, lows: np.ndarray, x0_ratio: floa
         return (-grad * c_mov * scale).reshape(1, -1)
 
     x0 = np.clip(np.full(idx.size, x0_ratio), lo_x, 1.0)
-    res = minimize(lambda x: -float(w @ x), x0, jac=lambda x: -w, method="SLSQP",
+    res = minimize(lambda x: -float(w @ prob.u(x)), x0, jac=lambda x: -w * prob.du(x), method="SLSQP",
                    bounds=list(zip(lo_x.tolist(), [1.0] * idx.size)),
                    constraints=[{"type": "ineq", "fun": constraint, "jac": constraint_jac}],
                    options={"maxiter": 200, "ftol": 1e-10})
@@ -367,8 +385,14 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
 def solve_allocation(names: list[str], channels: list[int], importance: list[float] | np.ndarray,
                      prunable: list[bool], cost_fn: CostFn, budget: float, *, alignment: int = 1,
                      min_keep: list[int] | None = None, min_keep_ratio: float = 0.05,
-                     cost_grad: Callable[[np.ndarray], np.ndarray] | None = None) -> Allocation:
-    """Kept channels per group maximising sum alpha_g k_g / C_g with cost_fn(k) <= budget.
+                     cost_grad: Callable[[np.ndarray], np.ndarray] | None = None,
+                     utility: str = "linear") -> Allocation:
+    """Kept channels per group maximising sum alpha_g u(k_g / C_g) with cost_fn(k) <= budget.
+
+    ``utility``: "linear" is ITPruner's objective (u(x) = x). Being linear, its optimum sits
+    on a vertex: a few groups starved to the floor, the rest kept whole. "log" (u(x) = log x,
+    concave) makes each further channel of an already wide group worth less, so the budget
+    is spread in proportion to importance per cost and no layer is starved.
 
     ``cost_fn``/``cost_grad`` take channel counts (float arrays, one entry per group);
     ``cost_grad`` (optional, e.g. a + (Q + Qᵀ) k for a quadratic cost) spares SLSQP the
@@ -384,13 +408,17 @@ def solve_allocation(names: list[str], channels: list[int], importance: list[flo
     movable = grid.last > 0
     peak = float(imp[prun].max()) if prun.any() else 0.0
     weights = np.where(prun, imp / peak if peak > 0 else 1.0, 0.0)
-    prob = _Problem(grid, weights, cost_fn, float(budget))
+    if utility not in UTILITIES:
+        raise BadInput(f"solve_allocation: unknown utility {utility!r}; choose from {', '.join(UTILITIES)}")
+    prob = _Problem(grid, weights, cost_fn, float(budget), utility)
     lows_eff = np.array([v[0] for v in grid.values], dtype=np.float64)
 
     def result(pos: np.ndarray, solver: str, success: bool, message: str, **details: Any) -> Allocation:
         counts = grid.counts(pos)
         objective = float(np.sum(np.where(prun, imp * counts / ch, 0.0)))
         details.setdefault("cost_calls", prob.calls)
+        details.setdefault("utility", utility)
+        details.setdefault("utility_value", prob.utility(counts))
         return Allocation(keep=dict(zip(names, counts.tolist())), cost=prob.cost(counts),
                           budget=float(budget), objective=objective, solver=solver, success=success,
                           message=message, seconds=time.perf_counter() - start, details=details)

@@ -59,12 +59,14 @@ def _stdout() -> Console:
 @click.option("--params", help="budget: parameter count, e.g. 0.5M")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="run folder (default runs/<UTC time>)")
 @click.option("--input-size", help="resize the data to N or HxW (default: the data's own size)")
-@click.option("--finetune-epochs", type=int, help="distillation fine-tune epochs after pruning (default 1; 0 allowed)")
+@click.option("--finetune-epochs", type=int, help="distillation fine-tune epochs after pruning (default 5; 0 allowed)")
 @click.option("--finetune-lr", type=float, help="fine-tune learning rate (default 0.01)")
 @click.option("--calib-size", type=int, help="calibration samples for importance (default 256)")
 @click.option("--seed", type=int, help="seed for splits, calibration and fine-tuning (default 0)")
 @click.option("--importance", type=click.Choice(["nhsic", "uniform"]), help="layer importance (default nhsic)")
 @click.option("--ranking", type=click.Choice(["l1"]), help="channel ranking inside a group (default l1)")
+@click.option("--utility", type=click.Choice(["log", "linear"]),
+              help="allocation objective per group: log (default, no layer starved) or linear (ITPruner's)")
 @click.option("--max-iterations", type=int, help="closed-loop iterations for a latency budget (default 4)")
 @click.option("--batch-size", type=int, help="batch size to measure at (default: the profile's)")
 @click.option("--warmup", type=int, help="warm-up runs per measurement (default: the profile's)")
@@ -164,7 +166,7 @@ Example:
 @click.option("--json", "as_json", is_flag=True)
 def measure(model_file: Path, target: str, batch_size: int | None, input_shape: str | None, warmup: int | None,
             iterations: int | None, as_json: bool) -> None:
-    from deploy.backends import get_backend
+    from deploy.backends import backend_for_profile
     from deploy.onnx_export import onnx_input_shape
     from deploy.profiles import load_profile
     from deploy.target_check import check_target_available
@@ -172,7 +174,7 @@ def measure(model_file: Path, target: str, batch_size: int | None, input_shape: 
 
     profile = load_profile(target)
     check_target_available(profile)
-    backend = get_backend(profile.backend)
+    backend = backend_for_profile(profile)
     chw = _parse_chw(input_shape) if input_shape else onnx_input_shape(model_file)
     shape = (batch_size or profile.batch_size, *chw)
     with TelemetrySampler(profile.telemetry) as sampler:
@@ -311,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: map every failure to the DESIGN.md exit codes, one line on stderr."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="compress", standalone_mode=False)
-        return EXIT_OK
+        # With standalone_mode=False click returns ctx.exit()'s code instead of raising.
+        code = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except BadInput as exc:

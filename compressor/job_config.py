@@ -28,6 +28,7 @@ from compressor.quantities import parse_quantity
 BUDGET_KINDS = ("latency_ms", "speedup", "flops", "params")
 IMPORTANCE_METHODS = ("nhsic", "uniform")
 RANKING_METHODS = ("l1",)
+UTILITIES = ("log", "linear")
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,13 @@ class JobConfig:
     weights: Path | None = None
     target: str = "cpu"
     input_size: tuple[int, int] | None = None
-    finetune_epochs: int = 1
+    finetune_epochs: int = 5
     finetune_lr: float = 0.01
     calib_size: int = 256
     seed: int = 0
     importance: str = "nhsic"
     ranking: str = "l1"
+    utility: str = "log"
     max_iterations: int = 4
     batch_size: int | None = None
     warmup: int | None = None
@@ -79,7 +81,7 @@ class JobConfig:
     def fingerprint(self) -> dict:
         """What must match for `--resume` to continue an earlier run in the same folder."""
         keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
-                "seed", "importance", "ranking", "batch_size", "min_keep_ratio")
+                "seed", "importance", "ranking", "utility", "batch_size", "min_keep_ratio")
         fp = {k: _jsonable(getattr(self, k)) for k in keys}
         fp["weights"] = str(self.weights) if self.weights else None
         fp["budget"] = dataclasses.asdict(self.budget)
@@ -96,7 +98,7 @@ def _jsonable(value: Any) -> Any:
 
 # Keys a compress.yaml may hold (dashes normalised to underscores).
 _YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
-              "calib_size", "seed", "importance", "ranking", "max_iterations", "batch_size", "warmup",
+              "calib_size", "seed", "importance", "ranking", "utility", "max_iterations", "batch_size", "warmup",
               "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
 
 
@@ -206,6 +208,9 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
     ranking = str(merged.get("ranking", "l1"))
     if ranking not in RANKING_METHODS:
         raise BadInput(f"--ranking: unknown {ranking!r}; choose from {', '.join(RANKING_METHODS)}")
+    utility = str(merged.get("utility", "log"))
+    if utility not in UTILITIES:
+        raise BadInput(f"--utility: unknown {utility!r}; choose from {', '.join(UTILITIES)}")
     min_keep_ratio = float(merged.get("min_keep_ratio", 0.1))
     if not 0 < min_keep_ratio <= 1:
         raise BadInput(f"--min-keep-ratio must be in (0, 1], got {min_keep_ratio}")
@@ -222,12 +227,13 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
         weights=Path(weights) if weights else None,
         target=str(merged.get("target") or "cpu"),
         input_size=parse_input_size(merged.get("input_size")),
-        finetune_epochs=positive_int("finetune_epochs", 0) if merged.get("finetune_epochs") is not None else 1,
+        finetune_epochs=positive_int("finetune_epochs", 0) if merged.get("finetune_epochs") is not None else 5,
         finetune_lr=finetune_lr,
         calib_size=positive_int("calib_size", 2) or 256,
         seed=positive_int("seed", 0) if merged.get("seed") is not None else 0,
         importance=importance,
         ranking=ranking,
+        utility=utility,
         max_iterations=positive_int("max_iterations") or 4,
         batch_size=positive_int("batch_size"),
         warmup=positive_int("warmup", 0),

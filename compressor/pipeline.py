@@ -34,7 +34,7 @@ from compressor.pruning import apply_plan, save_pruned
 from compressor.report import build_report, write_report
 from compressor.run_directory import RunDirectory
 from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
-from deploy.backends import get_backend
+from deploy.backends import backend_for_profile
 from deploy.backends.base import Backend, Measurement
 from deploy.onnx_export import check_parity, export_onnx
 from deploy.profiles import TargetProfile, load_profile
@@ -43,10 +43,12 @@ from deploy.telemetry import TelemetrySampler, collect_environment
 
 log = logging.getLogger("compressor")
 
-# Accept a measured latency in [ACCEPT_LOW * budget, budget]; aim a little under the budget so that
-# measurement noise on the final engine does not push a plan that fitted in the loop over it.
+# The loop accepts a plan measured in [ACCEPT_LOW, ACCEPT_HIGH] x budget. The guard band below the
+# budget absorbs run-to-run drift of the median (1-2 % on a shared 2-core host), so the final
+# model, measured again after fine-tuning, still fits. The solver aims between the two.
 ACCEPT_LOW = 0.90
-AIM = 0.97
+ACCEPT_HIGH = 0.98
+AIM = 0.95
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
 
@@ -84,7 +86,7 @@ def prepare_job(config: JobConfig, console: StageConsole) -> JobContext:
     """Everything that can fail on bad input fails here, before any long work starts."""
     profile = load_profile(config.target)
     check_target_available(profile)
-    backend = get_backend(profile.backend)
+    backend = backend_for_profile(profile)
     run = RunDirectory(config.out, fingerprint=config.fingerprint(), force=config.force, resume=config.resume)
     data = load_data(config.data, input_size=config.input_size, seed=config.seed, calib_size=config.calib_size)
     model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
@@ -161,7 +163,7 @@ def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep) -> Al
         names=[g.name for g in groups], channels=[g.channels for g in groups],
         importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
         cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment, min_keep=min_keep,
-        min_keep_ratio=ctx.config.min_keep_ratio)
+        min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility)
     ctx.timings["solve"] += time.perf_counter() - started
     return allocation
 
@@ -181,13 +183,13 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     estimate.add(cost_model.macs(np.array(min_keep)), smallest_ms)
     loop = [{"iteration": 0, "predicted_latency_ms": None, "measured_latency_ms": smallest_ms,
              "macs": cost_model.macs(np.array(min_keep)), "note": "smallest plan (every group at its minimum)"}]
-    if smallest_ms > budget_ms:
+    if smallest_ms > ACCEPT_HIGH * budget_ms:
         return SearchResult(min_keep_map, None, loop, False, smallest_ms,
                             f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
                             f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
     candidates: list[tuple[float, dict, Allocation]] = []  # (measured ms, keep, allocation) within budget
-    if smallest_ms >= ACCEPT_LOW * budget_ms:
+    if smallest_ms >= ACCEPT_LOW * budget_ms:  # only the smallest plan fits: nothing to search
         candidates.append((smallest_ms, min_keep_map, None))
     for iteration in range(1, ctx.config.max_iterations + 1):
         if candidates and candidates[-1][0] >= ACCEPT_LOW * budget_ms:
@@ -205,7 +207,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
                      "macs": macs, "solver": allocation.solver})
         ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
                          f"(budget {budget_ms:.4g} ms)")
-        if measured <= budget_ms:
+        if measured <= ACCEPT_HIGH * budget_ms:
             candidates.append((measured, allocation.keep, allocation))
             candidates.sort(key=lambda c: c[0])
     if not candidates:

@@ -47,6 +47,7 @@ class TargetProfile:
     power_mode_id: int | None = None  # its nvpmodel number where known
     datasheet: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    threads: int | None = None  # CPU backends: intra-op threads; None = all physical cores
     source: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ _DEFAULTS: dict[str, Any] = {
     "power_mode_id": None,
     "datasheet": {},
     "aliases": [],
+    "threads": None,
 }
 _REQUIRED = ("name", "device_match", "backend", "precision")
 _KNOWN = set(_REQUIRED) | set(_DEFAULTS)
@@ -204,6 +206,12 @@ def parse_profile(raw: Any, *, source: Path | None = None) -> TargetProfile:
 
     datasheet = _parse_datasheet(data["datasheet"], fail)
 
+    threads = data["threads"]
+    if threads is not None:
+        threads = _positive_int(threads, "threads", fail)
+        if backend != "onnxruntime-cpu":
+            raise fail("threads", "applies only to the onnxruntime-cpu backend")
+
     aliases = data["aliases"]
     if not isinstance(aliases, list) or not all(isinstance(a, str) and _NAME_RE.match(a) for a in aliases):
         raise fail("aliases", "must be a list of names")
@@ -227,6 +235,7 @@ def parse_profile(raw: Any, *, source: Path | None = None) -> TargetProfile:
         power_mode_id=power_mode_id,
         datasheet=datasheet,
         aliases=tuple(aliases),
+        threads=threads,
         source=source,
     )
 

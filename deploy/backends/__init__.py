@@ -15,13 +15,13 @@ from deploy.errors import BadInput, DeviceUnavailable
 ALL_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cuda", "tensorrt")
 
 
-def _onnxruntime_cpu() -> Backend:
+def _onnxruntime_cpu(threads: int | None = None) -> Backend:
     from deploy.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
-    return OnnxRuntimeCPU()
+    return OnnxRuntimeCPU(intra_op_threads=threads)
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"onnxruntime-cpu": _onnxruntime_cpu}
+BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime-cpu": _onnxruntime_cpu}
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def backend_status() -> list[BackendStatus]:
     return out
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, **options) -> Backend:
     """The backend called `name`; DeviceUnavailable (naming what is missing) if it cannot run here."""
     if name not in ALL_BACKENDS:
         raise BadInput(f"unknown backend '{name}'; known: {', '.join(ALL_BACKENDS)}")
@@ -51,7 +51,13 @@ def get_backend(name: str) -> Backend:
         raise DeviceUnavailable(f"backend {name} needs {BACKEND_NEEDS[name]}: {reason}")
     if name not in BACKENDS:
         raise DeviceUnavailable(f"backend {name} ({reason}) is not implemented in this version; use onnxruntime-cpu")
-    return BACKENDS[name]()
+    return BACKENDS[name](**options)
+
+
+def backend_for_profile(profile) -> Backend:
+    """The backend a target profile names, configured as the profile says (e.g. CPU threads)."""
+    options = {"threads": profile.threads} if profile.backend == "onnxruntime-cpu" else {}
+    return get_backend(profile.backend, **options)
 
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "BackendStatus",
     "Measurement",
     "Runner",
+    "backend_for_profile",
     "backend_status",
     "get_backend",
 ]

@@ -1,0 +1,160 @@
+"""The whole appliance through its CLI, on real data, measured on this CPU.
+
+These runs are real: a ResNet-20 trained on scikit-learn's digits, compressed under
+latency / FLOPs budgets, exported to ONNX, measured with ONNX Runtime, reloaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from compressor import load_pruned_model
+from compressor.cli import main
+from compressor.data import load_data
+from compressor.data.shapes import generate_shapes
+from compressor.model_loading import build_model, load_weights
+from compressor.training import evaluate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAST_MEASURE = ["--warmup", "20", "--iterations", "100"]
+
+REPORT_KEYS = {"schema_version", "target", "budget", "met", "baseline", "compressed", "loop", "groups", "timings_s",
+               "artifacts", "environment", "preprocess"}
+
+
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet20-digits.pt"
+    assert main(["train", "--model", "resnet20", "--data", "digits", "--epochs", "3", "--out", str(path), "-q"]) == 0
+    return path
+
+
+def _compress(out: Path, *args: str) -> tuple[int, dict | None]:
+    code = main(["--model", "resnet20", "--data", "digits", "--out", str(out), "-q", *FAST_MEASURE, *args])
+    report_file = out / "report.json"
+    return code, (json.loads(report_file.read_text()) if report_file.exists() else None)
+
+
+def _onnx_logits(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_speedup_budget_end_to_end(digits_weights, tmp_path):
+    out = tmp_path / "run"
+    code, report = _compress(out, "--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2")
+    assert code == 0, report and report["notes"]
+    assert REPORT_KEYS <= set(report)
+    assert report["schema_version"] == 1
+    assert report["target"] == {"name": "cpu", "backend": "onnxruntime-cpu", "precision": "fp32", "batch_size": 1,
+                                "input_shape": [1, 32, 32], "channel_alignment": 1}
+    # The budget is relative to the measured baseline, and met by a measured latency.
+    base_ms = report["baseline"]["latency_ms"]["median"]
+    assert report["budget"]["kind"] == "latency_ms"
+    assert report["budget"]["value"] == pytest.approx(base_ms / 1.5)
+    comp = report["compressed"]["latency_ms"]
+    assert report["met"] and 0 < comp["median"] <= report["budget"]["value"]
+    assert comp["p90"] >= comp["median"] and comp["p99"] >= comp["p90"] and comp["cv"] >= 0 and comp["n"] == 100
+    assert report["compressed"]["flops"] < report["baseline"]["flops"]
+    assert all(it["measured_latency_ms"] > 0 for it in report["loop"])
+    assert any(g["kept"] < g["channels"] for g in report["groups"])
+    assert report["environment"]["measurement_settings"]["intra_op_num_threads"] == 1
+    assert set(report["timings_s"]) >= {"importance", "ranking", "solve", "finetune", "measure", "total"}
+    assert len(report["preprocess"]["mean"]) == 1 and len(report["preprocess"]["std"]) == 1
+    for name in ("report.md", "model.onnx", "pruned.safetensors", "pruned.plan.json", "compress.log"):
+        assert (out / name).exists(), name
+    assert "| accuracy |" in (out / "report.md").read_text()
+
+    # The ONNX file runs and matches torch; the reloaded pruned weights give the same outputs.
+    data = load_data("digits")
+    model = load_pruned_model(out / "pruned.plan.json").eval()
+    with torch.no_grad():
+        torch_logits = model(data.val_x[:32]).numpy()
+    np.testing.assert_allclose(_onnx_logits(out / "model.onnx", data.val_x[:32]), torch_logits, atol=1e-4, rtol=1e-3)
+    assert report["compressed"]["parity"]["passed"]
+    # The reported accuracy is the deployed file's accuracy on the validation split.
+    assert evaluate(model, data.val_x, data.val_y) == pytest.approx(report["compressed"]["accuracy"], abs=1 / 359)
+    assert report["compressed"]["accuracy"] > 0.25  # well above chance (0.1) after two short epochs
+
+    # Same --out again: refused, and nothing in it changes.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _compress(out, "--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2")[0] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # --resume on a finished run returns its report without redoing the work.
+    code, again = _compress(out, "--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2",
+                            "--resume")
+    assert code == 0 and again["compressed"] == report["compressed"]
+
+    # The CI gate reads the report.
+    assert main(["gate", str(out / "report.json"), "--max-latency-ms", str(comp["median"] * 1.01),
+                 "--max-accuracy-drop", "1.0", "--junit", str(tmp_path / "gate.xml")]) == 0
+    assert "<testsuite" in (tmp_path / "gate.xml").read_text()
+    assert main(["gate", str(out / "report.json"), "--max-latency-ms", str(comp["median"] / 10)]) == 3
+
+
+def test_flops_budget_uses_the_budget(digits_weights, tmp_path):
+    code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "20M",
+                             "--finetune-epochs", "0")
+    assert code == 0
+    assert report["budget"] == {"kind": "flops", "value": 20e6}
+    assert 0.97 * 20e6 <= report["compressed"]["flops"] <= 20e6
+    assert report["compressed"]["latency_ms"]["median"] > 0  # still measured, for the record
+
+
+def test_budget_above_baseline_prunes_nothing(digits_weights, tmp_path):
+    code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "1G")
+    assert code == 0 and report["met"]
+    assert report["compressed"]["flops"] == report["baseline"]["flops"]
+    assert all(g["kept"] == g["channels"] for g in report["groups"])
+    assert any("nothing was pruned" in n for n in report["notes"])
+
+
+def test_budget_below_smallest_model_exits_3_with_report(digits_weights, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, report = _compress(out, "--weights", str(digits_weights), "--latency-ms", "0.001")
+    assert code == 3
+    assert report is not None and report["met"] is False
+    smallest = report["compressed"]["latency_ms"]["median"]
+    assert smallest > 0.001
+    assert any("below the smallest model" in n and f"{smallest:.4g}" in n for n in report["notes"])
+
+
+def _write_imagefolder(root: Path, classes: tuple[int, ...] = (0, 1, 2), per_class: int = 60) -> None:
+    images, labels = generate_shapes(per_class * 12, seed=3)
+    for cls in classes:
+        folder = root / f"class_{cls}"
+        folder.mkdir(parents=True)
+        picks = (labels == cls).nonzero().flatten()[:per_class]
+        for i, idx in enumerate(picks.tolist()):
+            array = images[idx].permute(1, 2, 0).numpy().astype(np.uint8)
+            Image.fromarray(array).save(folder / f"{i}.png")
+
+
+def test_custom_model_on_an_imagefolder_of_pngs(tmp_path):
+    """An unseen model (depthwise, concat, SE, residual) on user PNGs: train, then compress."""
+    _write_imagefolder(tmp_path / "pngs")
+    spec = f"{FIXTURES / 'custom_net.py'}:build"
+    data_spec = f"imagefolder:{tmp_path / 'pngs'}"
+    weights = tmp_path / "custom.pt"
+    assert main(["train", "--model", spec, "--data", data_spec, "--epochs", "4", "--out", str(weights), "-q"]) == 0
+    out = tmp_path / "run"
+    code = main(["--model", spec, "--weights", str(weights), "--data", data_spec, "--flops", "1.5M", "--finetune-epochs", "2", "--out", str(out), "-q", *FAST_MEASURE])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["met"], report["notes"]
+    assert 0.97 * 1.5e6 <= report["compressed"]["flops"] <= 1.5e6
+    assert report["target"]["input_shape"] == [3, 32, 32]
+    # Accuracy of the ONNX file on the validation split equals the reported accuracy.
+    data = load_data(data_spec)
+    logits = _onnx_logits(out / "model.onnx", data.val_x)
+    onnx_accuracy = float((logits.argmax(1) == data.val_y.numpy()).mean())
+    assert onnx_accuracy == pytest.approx(report["compressed"]["accuracy"], abs=1e-9)
+    # And the pruned weights reload onto the custom architecture.
+    model = load_pruned_model(out / "pruned.plan.json").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(data.val_x[:8]).numpy(), logits[:8], atol=1e-4, rtol=1e-3)
