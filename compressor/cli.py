@@ -225,14 +225,19 @@ def gate(report_file: Path, max_latency_ms: float | None, min_accuracy: float | 
     for name, value in (("--min-accuracy", min_accuracy), ("--max-accuracy-drop", max_accuracy_drop)):
         if value is not None and not 0 <= value <= 1:
             raise BadInput(f"{name} is a fraction in 0..1 (0.01 = one point), got {value}")
+    if max_latency_ms is not None and not 0 < max_latency_ms < float("inf"):
+        raise BadInput(f"--max-latency-ms must be a positive number of milliseconds, got {max_latency_ms}")
     if not report_file.exists():
         raise BadInput(f"report not found: {report_file}")
     try:
         report = json.loads(report_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInput(f"{report_file}: not a JSON report") from None
-    result = evaluate_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
-                           max_accuracy_drop=max_accuracy_drop)
+    try:
+        result = evaluate_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
+                               max_accuracy_drop=max_accuracy_drop)
+    except BadInput as exc:  # name the file: "report has no 'met'" alone does not say which report
+        raise BadInput(f"{report_file}: not a compress report: {exc}") from None
     if junit:
         write_junit(result, junit)
     if as_json:
@@ -263,18 +268,20 @@ def targets(as_json: bool) -> None:
             check_target_available(p)
             here, why = True, ""
         except DeviceUnavailable as exc:
-            here, why = False, str(exc).split(";")[0]
+            here, why = False, str(exc).split(";")[0].replace(f"target {p.name} ", "")
         rows.append({"name": p.name, "backend": p.backend, "precision": p.precision, "alignment": p.channel_alignment,
                      "batch_size": p.batch_size, "description": p.description, "available_here": here, "why": why})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="targets")
-    for col in ("name", "backend", "precision", "align", "here", "description"):
-        table.add_column(col)
+    table = Table(title="targets (profiles/*.yaml)")
+    table.add_column("name", no_wrap=True)
+    for col in ("backend", "precision", "align"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("usable here")
     for r in rows:
         table.add_row(r["name"], r["backend"], r["precision"], str(r["alignment"]),
-                      "yes" if r["available_here"] else "no", r["description"])
+                      "yes" if r["available_here"] else f"no: {r['why']}")
     _stdout().print(table)
 
 

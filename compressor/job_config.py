@@ -186,6 +186,8 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
             merged.pop(k, None)
     for key, value in flags.items():
         if value is not None:
+            if isinstance(value, str) and not value.strip():
+                raise BadInput(f"--{key.replace('_', '-')} is empty")
             merged[key] = value
     budget = flag_budget or pick_budget(merged, where=str(config_path))
     if budget is None:

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -219,6 +220,26 @@ def _few(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
+def _checkpoint_problem(exc: BaseException) -> str:
+    """Why torch.load refused a file, in one line.
+
+    torch's weights_only refusal is a long, multi-paragraph text suggesting weights_only=False,
+    which we never do; the useful part is the WeightsUnpickler reason after it.
+    """
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = first_line(text.split(marker, 1)[1], limit=120)
+        found = re.search(r"GLOBAL ([\w.]+)", reason)
+        if found:
+            return (f"it pickles Python objects ({found.group(1)}), not just tensors; save model.state_dict() "
+                    "instead (weights are loaded with weights_only=True, never running pickled code)")
+        return f"not a PyTorch state_dict checkpoint, or a corrupt one ({reason})"
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    return f"not a loadable PyTorch checkpoint ({describe_exception(exc)})"
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a state_dict checkpoint into `model` in place (strict: every key and shape must match).
 
@@ -240,8 +261,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise BadInput(f"cannot read weights {path_text}: not a loadable PyTorch checkpoint "
-                       f"({describe_exception(exc)})") from exc
+        raise BadInput(f"cannot read weights {path_text}: {_checkpoint_problem(exc)}") from exc
     expected = model.state_dict()
     state = _strip_common_prefix(_extract_state_dict(obj, path_text), set(expected))
     missing = [k for k in expected if k not in state]

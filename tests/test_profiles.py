@@ -18,7 +18,7 @@ from deploy.profiles import (
 )
 
 SHIPPED = {
-    "cpu", "jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano", "jetson-xavier-nx",
+    "cpu", "cpu-all-cores", "jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano", "jetson-xavier-nx",
     "t4", "l4", "a10", "a100", "h100",
 }
 
@@ -173,3 +173,20 @@ def test_profiles_dir_override(tmp_path, monkeypatch):
     assert load_profile("solo").name == "only"
     with pytest.raises(BadInput, match="only"):
         load_profile("cpu")
+
+
+def test_cpu_profile_pins_one_thread_and_backend_honours_it():
+    from deploy.backends import backend_for_profile
+
+    profile = load_profile("cpu")
+    assert profile.threads == 1
+    assert backend_for_profile(profile).session_settings()["intra_op_num_threads"] == 1
+    assert load_profile("cpu-all-cores").threads is None
+
+
+def test_threads_only_for_cpu_backends(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text("name: g\ndevice_match: {kind: nvidia-gpu, name_contains: H100}\nbackend: tensorrt\n"
+                    "precision: fp16\ntelemetry: nvml\nthreads: 2\n")
+    with pytest.raises(BadInput, match="threads"):
+        load_profile(str(path))
