@@ -42,11 +42,3 @@ class LatencyFromMacs:
         slope = (ys[i + 1] - ys[i]) / max(xs[i + 1] - xs[i], 1e-12)
         anchor_x, anchor_y = (xs[0], ys[0]) if i == 0 and macs <= xs[0] else (xs[-1], ys[-1])
         return float(max(anchor_y + slope * (macs - anchor_x), 0.0))
-
-    def macs_for(self, latency_ms: float) -> float:
-        """Largest MACs predicted to fit `latency_ms` (bisection; the prediction is monotone)."""
-        lo, hi = 0.0, max(p[0] for p in self.points) * 4
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.predict(mid) <= latency_ms else (lo, mid)
-        return lo

@@ -132,7 +132,6 @@ def export_and_measure(ctx: JobContext, model: torch.nn.Module, path: Path, labe
 @dataclass
 class SearchResult:
     keep: dict[str, int]
-    allocation: Allocation | None
     loop: list[dict]
     feasible: bool
     smallest_latency_ms: float | None
@@ -184,7 +183,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     loop = [{"iteration": 0, "predicted_latency_ms": None, "measured_latency_ms": smallest_ms,
              "macs": cost_model.macs(np.array(min_keep)), "note": "smallest plan (every group at its minimum)"}]
     if smallest_ms > budget_ms:
-        return SearchResult(min_keep_map, None, loop, False, smallest_ms,
+        return SearchResult(min_keep_map, loop, False, smallest_ms,
                             f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
                             f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
@@ -217,7 +216,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     measured, keep = max(fitting, key=lambda t: t[0])
     message = "" if guarded else (f"the chosen plan measured {measured:.4g} ms, inside the budget but within "
                                   f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
-    return SearchResult(keep, None, loop, True, smallest_ms, message)
+    return SearchResult(keep, loop, True, smallest_ms, message)
 
 
 def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:
@@ -228,7 +227,7 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
     feasible = allocation.cost <= budget
     message = "" if feasible else (f"{kind} budget {budget:.4g} is below the smallest model this job can build "
                                    f"({allocation.cost:.4g} at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
-    return SearchResult(allocation.keep, allocation, [], feasible, None, message)
+    return SearchResult(allocation.keep, [], feasible, None, message)
 
 
 def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
@@ -310,7 +309,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     if baseline_cost <= budget_value:
         notes.append(f"the budget ({budget_value:.4g} {budget_kind}) is at or above the baseline "
                      f"({baseline_cost:.4g}): nothing was pruned")
-        search = SearchResult({n: int(c) for n, c in zip(cost_model.group_names, full)}, None, [], True, None, "")
+        search = SearchResult({n: int(c) for n, c in zip(cost_model.group_names, full)}, [], True, None, "")
     else:
         with console.stage(f"layer importance ({config.importance})"):
             t = time.perf_counter()
@@ -324,7 +323,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
             ctx.timings["importance"] += time.perf_counter() - t
         cached = ctx.run.load_stage("search")
         if cached:
-            search = SearchResult(cached["keep"], None, cached["loop"], cached["feasible"],
+            search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
                                   cached["smallest_latency_ms"], cached["message"])
         elif budget_kind == "latency_ms":
             with console.stage("searching for a plan that fits the measured budget"):

@@ -11,7 +11,6 @@ def test_interpolates_and_extrapolates_between_measurements():
     assert est.predict(60.0) == pytest.approx(7.0)
     assert est.predict(120.0) == pytest.approx(11.5)
     assert est.predict(0.0) == pytest.approx(2.5)
-    assert est.macs_for(7.0) == pytest.approx(60.0, rel=1e-6)
 
 
 def test_noise_cannot_make_latency_fall_with_macs():
