@@ -170,17 +170,15 @@ def measure(model_file: Path, target: str, batch_size: int | None, input_shape: 
     from deploy.onnx_export import onnx_input_shape
     from deploy.profiles import load_profile
     from deploy.target_check import check_target_available
-    from deploy.telemetry import TelemetrySampler
 
     profile = load_profile(target)
     check_target_available(profile)
     backend = backend_for_profile(profile)
     chw = _parse_chw(input_shape) if input_shape else onnx_input_shape(model_file)
     shape = (batch_size or profile.batch_size, *chw)
-    with TelemetrySampler(profile.telemetry) as sampler:
-        m = backend.measure(model_file, shape, warmup=profile.warmup if warmup is None else warmup,
-                            iterations=iterations or profile.iterations, max_cv=profile.max_cv)
-    m.telemetry = sampler.result()
+    m = backend.measure(model_file, shape, warmup=profile.warmup if warmup is None else warmup,
+                        iterations=iterations or profile.iterations, max_cv=profile.max_cv,
+                        telemetry=profile.telemetry, expected_power_mode=profile.power_mode)
     result = {"model": str(model_file), "target": profile.name, "input_shape": list(shape), **m.to_report()}
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -220,19 +218,14 @@ Example:
 @click.option("--json", "as_json", is_flag=True)
 def gate(report_file: Path, max_latency_ms: float | None, min_accuracy: float | None,
          max_accuracy_drop: float | None, junit: Path | None, as_json: bool) -> None:
-    from deploy.gate import evaluate_gate, write_junit
+    from deploy.gate import evaluate_gate, load_report, write_junit
 
     for name, value in (("--min-accuracy", min_accuracy), ("--max-accuracy-drop", max_accuracy_drop)):
         if value is not None and not 0 <= value <= 1:
             raise BadInput(f"{name} is a fraction in 0..1 (0.01 = one point), got {value}")
     if max_latency_ms is not None and not 0 < max_latency_ms < float("inf"):
         raise BadInput(f"--max-latency-ms must be a positive number of milliseconds, got {max_latency_ms}")
-    if not report_file.exists():
-        raise BadInput(f"report not found: {report_file}")
-    try:
-        report = json.loads(report_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInput(f"{report_file}: not a JSON report") from None
+    report = load_report(report_file)
     try:
         result = evaluate_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
                                max_accuracy_drop=max_accuracy_drop)

@@ -39,7 +39,6 @@ from deploy.backends.base import Backend, Measurement
 from deploy.onnx_export import check_parity, export_onnx
 from deploy.profiles import TargetProfile, load_profile
 from deploy.target_check import check_target_available
-from deploy.telemetry import TelemetrySampler, collect_environment
 
 log = logging.getLogger("compressor")
 
@@ -111,10 +110,9 @@ def measure_onnx(ctx: JobContext, onnx_path: Path, label: str) -> Measurement:
     """Measure one ONNX file on the target, with telemetry alongside."""
     started = time.perf_counter()
     shape = (ctx.batch_size, *ctx.input_shape)
-    with TelemetrySampler(ctx.profile.telemetry) as sampler:
-        measurement = ctx.backend.measure(onnx_path, shape, warmup=ctx.warmup, iterations=ctx.iterations,
-                                          max_cv=ctx.profile.max_cv)
-    measurement.telemetry = sampler.result()
+    measurement = ctx.backend.measure(onnx_path, shape, warmup=ctx.warmup, iterations=ctx.iterations,
+                                      max_cv=ctx.profile.max_cv, telemetry=ctx.profile.telemetry,
+                                      expected_power_mode=ctx.profile.power_mode)
     if measurement.latency.noisy:
         ctx.console.warn(f"{label}: latency CV {measurement.latency.cv:.1%} stayed above "
                          f"{ctx.profile.max_cv:.0%} after re-measuring; the machine is noisy")
@@ -232,12 +230,8 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
 
 def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
     """Accuracy of the exported file itself on the validation split (what gets deployed)."""
-    runner = ctx.backend.create_runner(onnx_path)
-    correct = 0
-    for start in range(0, len(ctx.data.val_x), 256):
-        logits = runner.run(ctx.data.val_x[start:start + 256].numpy())
-        correct += int((np.argmax(logits, axis=1) == ctx.data.val_y[start:start + 256].numpy()).sum())
-    return correct / len(ctx.data.val_x)
+    logits = ctx.backend.create_runner(onnx_path).run_batches(ctx.data.val_x.numpy(), 256)
+    return float((np.argmax(logits, axis=1) == ctx.data.val_y.numpy()).mean())
 
 
 def model_summary(measurement: Measurement | None, macs: float, params: float, accuracy: float | None,
