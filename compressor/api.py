@@ -17,7 +17,8 @@ def compress(*, model: str, data: str, target: str = "cpu", latency_ms: float | 
     """Run the compression job and return the report (the same dict as report.json).
 
     Keyword options are the CLI's long options with underscores: weights, input_size,
-    finetune_epochs, calib_size, seed, importance, ranking, max_iterations, batch_size,
+    finetune_epochs, calib_size, seed, importance, beta_per_layer, nhsic_estimator,
+    concentration_weight, ranking, utility, max_iterations, batch_size,
     warmup, iterations, min_keep_ratio, force, resume. Unlike the CLI, no ./compress.yaml
     is read unless `config_file` names one. `report["met"]` says whether the budget was met.
 

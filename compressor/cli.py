@@ -63,7 +63,14 @@ def _stdout() -> Console:
 @click.option("--finetune-lr", type=float, help="fine-tune learning rate (default 0.01)")
 @click.option("--calib-size", type=int, help="calibration samples for importance (default 256)")
 @click.option("--seed", type=int, help="seed for splits, calibration and fine-tuning (default 0)")
-@click.option("--importance", type=click.Choice(["nhsic", "uniform"]), help="layer importance (default nhsic)")
+@click.option("--importance", type=click.Choice(["nhsic", "concentration", "fused", "uniform"]),
+              help="layer importance: nhsic (ITPruner, default), concentration (rank + entropy), fused (both), uniform")
+@click.option("--beta-per-layer", type=float,
+              help="nHSIC sharpness per scored layer: beta = this x layers (default 18.5 = ITPruner's 500 / 27)")
+@click.option("--nhsic-estimator", type=click.Choice(["biased", "debiased"]),
+              help="nHSIC estimator: biased (ITPruner's, default) or debiased (unbiased HSIC)")
+@click.option("--concentration-weight", type=float,
+              help="weight of rank vs entropy in the concentration score, in [0, 1] (default 0.5)")
 @click.option("--ranking", type=click.Choice(["l1"]), help="channel ranking inside a group (default l1)")
 @click.option("--utility", type=click.Choice(["log", "linear"]),
               help="allocation objective per group: log (default, no layer starved) or linear (ITPruner's)")

@@ -26,7 +26,8 @@ from compressor.errors import BadInput
 from compressor.quantities import parse_quantity
 
 BUDGET_KINDS = ("latency_ms", "speedup", "flops", "params")
-IMPORTANCE_METHODS = ("nhsic", "uniform")
+IMPORTANCE_METHODS = ("nhsic", "concentration", "fused", "uniform")
+NHSIC_ESTIMATORS = ("biased", "debiased")
 RANKING_METHODS = ("l1",)
 UTILITIES = ("log", "linear")
 
@@ -67,6 +68,9 @@ class JobConfig:
     calib_size: int = 256
     seed: int = 0
     importance: str = "nhsic"
+    beta_per_layer: float = 18.5
+    nhsic_estimator: str = "biased"
+    concentration_weight: float = 0.5
     ranking: str = "l1"
     utility: str = "log"
     max_iterations: int = 4
@@ -81,7 +85,8 @@ class JobConfig:
     def fingerprint(self) -> dict:
         """What must match for `--resume` to continue an earlier run in the same folder."""
         keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
-                "seed", "importance", "ranking", "utility", "batch_size", "min_keep_ratio")
+                "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight", "ranking", "utility",
+                "batch_size", "min_keep_ratio")
         fp = {k: _jsonable(getattr(self, k)) for k in keys}
         fp["weights"] = str(self.weights) if self.weights else None
         fp["budget"] = dataclasses.asdict(self.budget)
@@ -98,7 +103,8 @@ def _jsonable(value: Any) -> Any:
 
 # Keys a compress.yaml may hold (dashes normalised to underscores).
 _YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
-              "calib_size", "seed", "importance", "ranking", "utility", "max_iterations", "batch_size", "warmup",
+              "calib_size", "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight",
+              "ranking", "utility", "max_iterations", "batch_size", "warmup",
               "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
 
 
@@ -171,6 +177,21 @@ def parse_input_size(value: Any) -> tuple[int, int] | None:
     return h, w
 
 
+def _number(values: Mapping[str, Any], key: str, default: float, *, low: float,
+            high: float | None = None) -> float:
+    """A finite float option within [low, high]; BadInput naming the flag otherwise."""
+    raw = values.get(key, default)
+    flag = "--" + key.replace("_", "-")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise BadInput(f"{flag}: expected a number, got {raw!r}") from None
+    if not (value >= low and (high is None or value <= high)) or value != value or value == float("inf"):
+        span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise BadInput(f"{flag} must be a finite number {span}, got {raw!r}")
+    return value
+
+
 def default_out_dir(now: _dt.datetime | None = None) -> Path:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return Path("runs") / now.strftime("%Y%m%dT%H%M%SZ")
@@ -207,6 +228,11 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
     importance = str(merged.get("importance", "nhsic"))
     if importance not in IMPORTANCE_METHODS:
         raise BadInput(f"--importance: unknown {importance!r}; choose from {', '.join(IMPORTANCE_METHODS)}")
+    beta_per_layer = _number(merged, "beta_per_layer", 18.5, low=0.0)
+    nhsic_estimator = str(merged.get("nhsic_estimator", "biased"))
+    if nhsic_estimator not in NHSIC_ESTIMATORS:
+        raise BadInput(f"--nhsic-estimator: unknown {nhsic_estimator!r}; choose from {', '.join(NHSIC_ESTIMATORS)}")
+    concentration_weight = _number(merged, "concentration_weight", 0.5, low=0.0, high=1.0)
     ranking = str(merged.get("ranking", "l1"))
     if ranking not in RANKING_METHODS:
         raise BadInput(f"--ranking: unknown {ranking!r}; choose from {', '.join(RANKING_METHODS)}")
@@ -234,6 +260,9 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
         calib_size=positive_int("calib_size", 2) or 256,
         seed=positive_int("seed", 0) if merged.get("seed") is not None else 0,
         importance=importance,
+        beta_per_layer=beta_per_layer,
+        nhsic_estimator=nhsic_estimator,
+        concentration_weight=concentration_weight,
         ranking=ranking,
         utility=utility,
         max_iterations=positive_int("max_iterations") or 4,

@@ -26,7 +26,7 @@ from compressor.console import StageConsole
 from compressor.cost_model import CostModel
 from compressor.data import DataSplits, load_data
 from compressor.groups import PrunableGroup, discover_groups
-from compressor.importance import layer_importance
+from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
 from compressor.latency_estimate import LatencyFromMacs
 from compressor.model_loading import build_model, check_input_shape, load_weights
@@ -134,6 +134,7 @@ class SearchResult:
     feasible: bool
     smallest_latency_ms: float | None
     message: str
+    solver: dict | None = None  # how the last allocation was found (solver, budget use, status)
 
 
 def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int) -> list[int]:
@@ -152,6 +153,14 @@ def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int) -> l
 def _plan_from_keep(scores: dict[str, torch.Tensor], groups: list[PrunableGroup], keep: dict[str, int]) -> ChannelPlan:
     return select_top({g.name: scores[g.name] for g in groups if g.prunable},
                       {g.name: keep[g.name] for g in groups if g.prunable})
+
+
+def solver_summary(allocation: Allocation) -> dict:
+    """The report's view of one solve: which candidate won, budget use, SLSQP status."""
+    return {"solver": allocation.solver, "success": allocation.success, "cost": allocation.cost,
+            "budget": allocation.budget, "budget_used": round(allocation.budget_used, 6),
+            "objective": allocation.objective, "utility": allocation.details.get("utility"),
+            "seconds": round(allocation.seconds, 4), "message": allocation.message}
 
 
 def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep) -> Allocation:
@@ -186,6 +195,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
                             f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
     tried: list[tuple[float, dict[str, int]]] = [(smallest_ms, min_keep_map)]  # (measured ms, keep)
+    solves: dict[int, dict] = {}  # id(keep) -> solver summary, to report the chosen plan's solve
 
     def in_band(ms: float) -> bool:
         return ACCEPT_LOW * budget_ms <= ms <= ACCEPT_HIGH * budget_ms
@@ -203,6 +213,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
                                       f"iteration {iteration}").latency.median_ms
         estimate.add(macs, measured)  # the correction: the next solve sees this measurement
         tried.append((measured, allocation.keep))
+        solves[id(allocation.keep)] = solver_summary(allocation)
         loop.append({"iteration": iteration, "predicted_latency_ms": predicted, "measured_latency_ms": measured,
                      "macs": macs, "solver": allocation.solver})
         ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
@@ -214,7 +225,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     measured, keep = max(fitting, key=lambda t: t[0])
     message = "" if guarded else (f"the chosen plan measured {measured:.4g} ms, inside the budget but within "
                                   f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
-    return SearchResult(keep, loop, True, smallest_ms, message)
+    return SearchResult(keep, loop, True, smallest_ms, message, solves.get(id(keep)))
 
 
 def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:
@@ -225,7 +236,7 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
     feasible = allocation.cost <= budget
     message = "" if feasible else (f"{kind} budget {budget:.4g} is below the smallest model this job can build "
                                    f"({allocation.cost:.4g} at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
-    return SearchResult(allocation.keep, [], feasible, None, message)
+    return SearchResult(allocation.keep, [], feasible, None, message, solver_summary(allocation))
 
 
 def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
@@ -303,7 +314,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     if baseline_cost <= budget_value:
         notes.append(f"the budget ({budget_value:.4g} {budget_kind}) is at or above the baseline "
                      f"({baseline_cost:.4g}): nothing was pruned")
-        search = SearchResult({n: int(c) for n, c in zip(cost_model.group_names, full)}, [], True, None, "")
+        search = SearchResult({n: int(c) for n, c in zip(cost_model.group_names, full)}, [], True, None, "", None)
     else:
         with console.stage(f"layer importance ({config.importance})"):
             t = time.perf_counter()
@@ -311,14 +322,23 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
             if cached:
                 importance_scores, importance_details = cached["scores"], cached.get("details", {})
             else:
-                result = layer_importance(model, groups, data.calib_x, method=config.importance)
-                importance_scores, importance_details = dict(result.scores), {"method": result.method}
+                settings = ImportanceSettings(method=config.importance, beta_per_layer=config.beta_per_layer,
+                                              estimator=config.nhsic_estimator,
+                                              concentration_weight=config.concentration_weight)
+                result = layer_importance(model, groups, data.calib_x, settings=settings)
+                importance_scores = dict(result.scores)
+                importance_details = {"method": result.method, "per_group": result.per_group,
+                                      "settings": {"beta_per_layer": settings.beta_per_layer,
+                                                   "nhsic_estimator": settings.estimator,
+                                                   "concentration_weight": settings.concentration_weight,
+                                                   "samples": settings.n, "entropy_bins": settings.bins,
+                                                   "rank_samples": settings.rank_samples}}
                 ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
             ctx.timings["importance"] += time.perf_counter() - t
         cached = ctx.run.load_stage("search")
         if cached:
             search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
-                                  cached["smallest_latency_ms"], cached["message"])
+                                  cached["smallest_latency_ms"], cached["message"], cached.get("solver"))
         elif budget_kind == "latency_ms":
             with console.stage("searching for a plan that fits the measured budget"):
                 search = search_latency(ctx, groups, cost_model, importance_scores, scores, budget_value,
@@ -326,7 +346,8 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
         else:
             search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
         ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,
-                                      "smallest_latency_ms": search.smallest_latency_ms, "message": search.message})
+                                      "smallest_latency_ms": search.smallest_latency_ms, "message": search.message,
+                                      "solver": search.solver})
         if search.message:
             notes.append(search.message)
 
@@ -340,7 +361,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                       "smallest_buildable": True}
         report = build_report(ctx=ctx, budget=budget, met=False, baseline=baseline, compressed=compressed,
                               loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
-                              cost_model=cost_model, artifacts={"onnx": None, "weights": None, "engine": None},
+                              importance_details=importance_details, allocation=search.solver, cost_model=cost_model, artifacts={"onnx": None, "weights": None, "engine": None},
                               notes=notes, started=started, baseline_measurement=baseline_measurement,
                               final_measurement=None)
         return finish(ctx, report)
@@ -389,6 +410,6 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                  "plan": Path(weights["plan"]).name, "engine": None, "log": "compress.log"}
     report = build_report(ctx=ctx, budget=budget, met=met, baseline=baseline, compressed=compressed,
                           loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
-                          cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
+                          importance_details=importance_details, allocation=search.solver, cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
                           baseline_measurement=baseline_measurement, final_measurement=final_measurement)
     return finish(ctx, report)

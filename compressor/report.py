@@ -28,10 +28,12 @@ SCHEMA_VERSION = 1
 
 def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, compressed: dict, loop: list[dict],
                  groups: "list[PrunableGroup]", keep: dict[str, int], importance: dict[str, float],
-                 cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
+                 importance_details: dict, allocation: dict | None, cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
                  baseline_measurement: "Measurement", final_measurement: "Measurement | None") -> dict:
     keep_vec = np.array([keep[n] for n in cost_model.group_names])
     shares = cost_model.per_group_share(keep_vec, "macs")
+    param_shares = cost_model.per_group_share(keep_vec, "params")
+    components = importance_details.get("per_group", {})
     ctx.timings["total"] = time.perf_counter() - started
     environment = collect_environment(ctx.backend)
     environment.update({"backend": ctx.backend.name, "backend_versions": ctx.backend.versions(),
@@ -52,7 +54,10 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
         "loop": loop,
         "groups": [{"name": g.name, "channels": g.channels, "kept": int(keep[g.name]), "prunable": g.prunable,
                     "importance": float(importance.get(g.name, 1.0)) if g.prunable else None,
-                    "macs_share": shares.get(g.name)} for g in groups],
+                    "importance_components": components.get(g.name) if g.prunable else None,
+                    "macs_share": shares.get(g.name), "params_share": param_shares.get(g.name)} for g in groups],
+        "importance": {k: v for k, v in importance_details.items() if k != "per_group"},
+        "allocation": allocation,
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "artifacts": artifacts,
         "environment": environment,
@@ -146,12 +151,21 @@ def render_markdown(report: dict) -> str:
             pred = it.get("predicted_latency_ms")
             lines.append(f"| {it['iteration']} | {'' if pred is None else f'{pred:.4g}'} | "
                          f"{it['measured_latency_ms']:.4g} | {_mega(it.get('macs'))} |")
-    lines += ["", "## Channels per group", "", "| group | channels | kept | importance | share of MACs |",
-              "|---|---:|---:|---:|---:|"]
+    allocation = report.get("allocation")
+    if allocation:
+        lines += ["", "## Allocation", "",
+                  f"- solver: {allocation['solver']} ({allocation['utility']} utility), "
+                  f"{allocation['budget_used']:.2%} of the budget it was given, {allocation['seconds']:.3f} s",
+                  f"- {allocation['message']}"]
+    lines += ["", "## Channels per group", "",
+              "| group | channels | kept | importance | nHSIC share t | rank | entropy | share of MACs | share of params |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in report["groups"]:
         imp = "fixed" if g["importance"] is None else f"{g['importance']:.4g}"
-        share = "" if g.get("macs_share") is None else f"{g['macs_share']:.1%}"
-        lines.append(f"| {g['name']} | {g['channels']} | {g['kept']} | {imp} | {share} |")
+        parts = g.get("importance_components") or {}
+        comp = [_fmt(parts.get(key)) for key in ("nhsic_t", "rank", "entropy")]
+        shares = [_share(g.get(key)) for key in ("macs_share", "params_share")]
+        lines.append(f"| {g['name']} | {g['channels']} | {g['kept']} | {imp} | " + " | ".join(comp + shares) + " |")
     lines += ["", "## Timings (s)", "", "| " + " | ".join(report["timings_s"]) + " |",
               "|" + "---:|" * len(report["timings_s"]), "| " + " | ".join(f"{v:.1f}" for v in report["timings_s"].values()) + " |"]
     if report["notes"]:
@@ -163,6 +177,14 @@ def render_markdown(report: dict) -> str:
                   "from compressor import load_pruned_model",
                   f"model = load_pruned_model(\"{arts['plan']}\")  # path relative to this report", "```"]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _share(value) -> str:
+    return "" if value is None else f"{value:.1%}"
 
 
 def write_report(report: dict, out_dir: Path) -> None:

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from compressor.errors import BadInput
+from compressor.hsic import nhsic_from_grams, gram_of
 from compressor.importance import (
     DEFAULT_BETA_PER_LAYER,
+    ImportanceSettings,
     collect_activations,
     itpruner_scores,
     layer_importance,
@@ -87,6 +89,57 @@ def test_independent_noise_follows_d_over_n_plus_d():
     n, d = 100, 5000
     high = nhsic(rng.normal(size=(n, d)), rng.normal(size=(n, d)))
     assert high == pytest.approx(d / (n + d), abs=0.01)
+
+
+def naive_debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Song et al. (2012) unbiased HSIC on the raw (uncentred) Grams, spelled out with loops."""
+    def hsic_u(k, l):
+        n = k.shape[0]
+        k, l = k.copy(), l.copy()
+        np.fill_diagonal(k, 0)
+        np.fill_diagonal(l, 0)
+        one = np.ones(n)
+        return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+    kx, ky = x @ x.T, y @ y.T
+    return float(hsic_u(kx, ky) / np.sqrt(hsic_u(kx, kx) * hsic_u(ky, ky)))
+
+
+def test_debiased_estimator_matches_its_definition_and_ignores_offsets():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(40, 6)) + 5.0  # an offset: the estimator is shift invariant
+    y = x[:, :3] @ rng.normal(size=(3, 8)) + rng.normal(size=(40, 8))
+    value = nhsic(x, y, estimator="debiased")
+    assert 0.1 < value < 0.99
+    assert value == pytest.approx(naive_debiased_cka(x, y), abs=1e-10)
+    assert nhsic(x, x, estimator="debiased") == pytest.approx(1.0, abs=1e-12)
+    assert nhsic(3.0 * x, y, estimator="debiased") == pytest.approx(value, abs=1e-10)
+
+
+def test_independent_high_dimensional_noise_is_near_zero_with_the_debiased_estimator():
+    # The case where the biased form reads ~0.98: n = 100 samples of 5000 features.
+    rng = np.random.default_rng(12)
+    values = [nhsic(rng.normal(size=(100, 5000)), rng.normal(size=(100, 5000)), estimator="debiased")
+              for _ in range(3)]
+    assert max(abs(v) for v in values) < 0.03
+    # ...while a real dependence in the same dimensions is still seen.
+    z = rng.normal(size=(100, 5000))
+    assert nhsic(z, z + rng.normal(size=(100, 5000)), estimator="debiased") > 0.4
+
+
+def test_gram_form_never_builds_the_feature_covariance():
+    # 100 samples of 300k features: a D x D matrix would need 720 GB; the Gram is 100 x 100.
+    x = torch.randn(100, 300_000)
+    g = gram_of(x)
+    assert g.gram.shape == (100, 100) and not g.constant
+    assert nhsic_from_grams(g, g) == pytest.approx(1.0)
+
+
+def test_unknown_estimator_and_too_few_samples_are_bad_input():
+    with pytest.raises(BadInput, match="estimator"):
+        nhsic(np.ones((5, 2)), np.ones((5, 2)), estimator="kernel")
+    with pytest.raises(BadInput, match="at least 4"):
+        nhsic(np.eye(3), np.eye(3), estimator="debiased")
 
 
 def test_constant_input_is_zero_never_nan():
@@ -217,6 +270,48 @@ def test_dead_layer_gets_the_lowest_score():
     assert result.details["constant_layers"] == ["b"]
     assert result.scores["b"] == min(result.scores.values())
     assert all(np.isfinite(v) for v in result.scores.values())
+
+
+@pytest.mark.parametrize("method", ["concentration", "fused"])
+def test_concentration_and_fused_score_every_group_with_components(method):
+    model, x, groups = _branch_setup()
+    result = layer_importance(model, groups, x, method=method, n=100)
+    assert set(result.scores) == {"a", "b", "c"}
+    assert all(np.isfinite(v) and v > 0 for v in result.scores.values())
+    assert max(result.scores.values()) == pytest.approx(1.0)
+    for name in ("a", "b", "c"):
+        parts = result.per_group[name]
+        assert 0.0 <= parts["rank"] <= 1.0 and 0.0 < parts["entropy"] <= 1.0
+        if method == "fused":
+            assert {"nhsic_t", "nhsic_score", "concentration_score"} <= set(parts)
+    if method == "fused":
+        # the documented fusion: geometric mean of the two max-normalised scores
+        a = {k: v["nhsic_score"] for k, v in result.per_group.items()}
+        b = {k: v["concentration_score"] for k, v in result.per_group.items()}
+        raw = {k: np.sqrt(a[k] / max(a.values()) * b[k] / max(b.values())) for k in a}
+        for name in a:
+            assert result.scores[name] == pytest.approx(raw[name] / max(raw.values()))
+
+
+def test_concentration_prefers_the_informative_layer_over_a_sparse_one():
+    model, x, groups = _branch_setup()
+    with torch.no_grad():
+        model.conv_b.bias.fill_(-2.5)  # mostly below zero: a sparse, low-entropy layer
+    result = layer_importance(model, groups, x, method="concentration")
+    assert result.per_group["b"]["entropy"] < result.per_group["a"]["entropy"]
+    assert result.scores["b"] < result.scores["a"]
+
+
+def test_settings_are_validated():
+    model, x, groups = _branch_setup()
+    with pytest.raises(BadInput, match="concentration_weight"):
+        layer_importance(model, groups, x, method="concentration", concentration_weight=1.5)
+    with pytest.raises(BadInput, match="estimator"):
+        layer_importance(model, groups, x, estimator="kde")
+    with pytest.raises(BadInput, match="beta_per_layer"):
+        layer_importance(model, groups, x, settings=ImportanceSettings(beta_per_layer=-1.0))
+    with pytest.raises(BadInput):
+        layer_importance(model, groups, x, unknown_option=3)
 
 
 def test_uniform_and_unknown_methods():

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from compressor.errors import BadInput
 from compressor.models import create_model, list_models
 
-ZOO = ["mobilenetv2", "resnet20", "resnet56", "vgg11", "vgg16"]
+ZOO = ["mobilenetv2", "resnet20", "resnet50", "resnet56", "vgg11", "vgg16"]
 
 
 def test_list_models_has_the_zoo():

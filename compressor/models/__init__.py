@@ -1,4 +1,4 @@
-"""Model zoo: a timm-style registry of small CIFAR-style CNNs.
+"""Model zoo: a timm-style registry of CIFAR-style CNNs plus an ImageNet-style ResNet-50.
 
 Every zoo model is built for pruning and export: BatchNorm + ReLU, shortcut
 convolutions that torch-pruning can couple, global average pooling before a
@@ -55,6 +55,6 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kw
 
 
 # Import the zoo modules last: they use register_model defined above.
-from compressor.models import mobilenetv2, resnet_cifar, vgg  # noqa: E402,F401
+from compressor.models import mobilenetv2, resnet_cifar, resnet_imagenet, vgg  # noqa: E402,F401
 
 __all__ = ["register_model", "create_model", "list_models", "is_zoo_model", "ModelFactory"]

@@ -1,0 +1,69 @@
+"""Shared by the bench scripts: trained weights (cached), run folders, result files.
+
+Bench scripts are plain programs (``python bench/NAME.py``); each writes
+``bench/results/NAME.json`` (the numbers) and ``NAME.md`` (the table) atomically.
+Everything they need is generated or trained here from fixed seeds: no downloads.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python bench/x.py` from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from deploy.atomic_io import atomic_write_text  # noqa: E402
+from deploy.cpu_info import cpu_model, usable_cores  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+WORK = REPO / "runs" / "bench"   # ignored by git: weights and run folders
+
+
+def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: float = 0.05) -> Path:
+    """Train ``model`` on ``data`` once and reuse the state_dict on later bench runs."""
+    import torch
+
+    from compressor.data import load_data
+    from compressor.model_loading import build_model, save_weights
+    from compressor.training import evaluate, train
+
+    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}.pt"
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    splits = load_data(data, seed=seed)
+    net = build_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+    started = time.perf_counter()
+    train(net, splits, epochs=epochs, lr=lr, seed=seed)
+    print(f"trained {model} on {data} for {epochs} epochs in {time.perf_counter() - started:.0f} s: "
+          f"val accuracy {evaluate(net, splits.val_x, splits.val_y):.2%}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(net, path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_result(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"bench": name, "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": machine(), **payload}
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", markdown)
+    print(f"wrote {RESULTS / name}.json and .md", flush=True)
