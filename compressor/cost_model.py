@@ -319,6 +319,12 @@ class CostModel:
     def cost(self, keep: np.ndarray | Mapping[str, int], kind: str) -> float:
         return self._evaluate(keep, kind)
 
+    def gradient(self, keep: np.ndarray | Mapping[str, int], kind: str) -> np.ndarray:
+        """d cost / d k at `keep` (per sample): a + (Q + Qᵀ) k. Exact, so SLSQP needs no finite differences."""
+        c0, a, q = self.quadratic_form(kind)
+        k = self.keep_vector(keep)
+        return a + (q + q.T) @ k
+
     def quadratic_form(self, kind: str) -> tuple[float, np.ndarray, np.ndarray]:
         """(c0, a, Q) with cost(k) = c0 + a.k + k^T Q k, Q symmetric (L x L, mostly zero), per sample."""
         if kind not in self._forms:

@@ -126,18 +126,18 @@ def collect_activations(model: nn.Module, groups: Sequence[Any], calib_x: torch.
     return result
 
 
-def summarise_activations(model: nn.Module, groups: Sequence[Any], calib_x: torch.Tensor,
+def summarise_activations(model: nn.Module, modules: Sequence[str], calib_x: torch.Tensor,
                           summarise: Callable[[torch.Tensor], T], *, n: int = 100) -> dict[str, T]:
-    """{group name: summarise(activation)} from ONE forward pass of the first ``n`` samples.
+    """{module name: summarise(ReLU(its output))} from ONE forward pass of the first ``n`` samples.
 
-    ``summarise`` receives the group's post-ReLU output with its own shape ([n, C, H, W]
-    for a conv) and returns something small (a Gram matrix, histograms); the activation
-    itself is dropped straight away, so memory stays at one layer's output plus the
-    summaries. One pass of all n samples is what ITPruner does (one batch of 100), and a
-    Gram needs every sample at once.
+    ``summarise`` receives the post-ReLU output with its own shape ([n, C, H, W] for a conv)
+    and returns something small (a Gram matrix, histograms); the activation itself is
+    dropped straight away, so memory stays at one layer's output plus the summaries. One
+    pass of all n samples is what ITPruner does (one batch of 100), and a Gram needs every
+    sample at once.
     """
     x = _calibration_slice(calib_x, n)
-    by_module = _modules_by_group(groups)
+    names = list(dict.fromkeys(modules))
     summaries: dict[str, T] = {}
 
     def on_output(mod_name: str, t: torch.Tensor) -> None:
@@ -145,5 +145,5 @@ def summarise_activations(model: nn.Module, groups: Sequence[Any], calib_x: torc
             raise _called_more_than_once(mod_name, t.shape[0] * (2 if mod_name in summaries else 1), x.shape[0])
         summaries[mod_name] = summarise(t.cpu())
 
-    _hooked_forward(model, list(by_module), x, x.shape[0], on_output)
-    return {name: summaries[mod] for mod, names in by_module.items() if mod in summaries for name in names}
+    _hooked_forward(model, names, x, x.shape[0], on_output)
+    return summaries

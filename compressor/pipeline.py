@@ -48,6 +48,8 @@ log = logging.getLogger("compressor")
 ACCEPT_LOW = 0.90
 ACCEPT_HIGH = 0.98
 AIM = 0.95
+# A FLOPs/params plan should use at least this much of its budget; below it the report says why.
+MIN_BUDGET_USE = 0.97
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
 
@@ -163,13 +165,13 @@ def solver_summary(allocation: Allocation) -> dict:
             "seconds": round(allocation.seconds, 4), "message": allocation.message}
 
 
-def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep) -> Allocation:
+def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_grad=None) -> Allocation:
     started = time.perf_counter()
     allocation = solve_allocation(
         names=[g.name for g in groups], channels=[g.channels for g in groups],
         importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
         cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment, min_keep=min_keep,
-        min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility)
+        min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility, cost_grad=cost_grad)
     ctx.timings["solve"] += time.perf_counter() - started
     return allocation
 
@@ -230,12 +232,16 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
 
 def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:
     """FLOPs/params budgets: the cost model is exact, so one solve decides the plan."""
-    cost = cost_model.macs if kind == "flops" else cost_model.params
+    cost_kind = "macs" if kind == "flops" else "params"
     min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
-    allocation = _solve(ctx, groups, importance, cost, budget, min_keep)
+    allocation = _solve(ctx, groups, importance, lambda k: cost_model.cost(k, cost_kind), budget, min_keep,
+                        cost_grad=lambda k: cost_model.gradient(k, cost_kind))
     feasible = allocation.cost <= budget
     message = "" if feasible else (f"{kind} budget {budget:.4g} is below the smallest model this job can build "
                                    f"({allocation.cost:.4g} at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
+    if feasible and allocation.solver != "full" and allocation.budget_used < MIN_BUDGET_USE:
+        message = (f"the plan uses {allocation.budget_used:.1%} of the {kind} budget: with channel counts in "
+                   f"steps of {ctx.profile.channel_alignment}, no wider plan fits")
     return SearchResult(allocation.keep, [], feasible, None, message, solver_summary(allocation))
 
 

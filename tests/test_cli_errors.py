@@ -231,6 +231,21 @@ def test_speedup_below_one(capsys, tmp_path):
     assert "--speedup" in line and "0.5" in line
 
 
+@pytest.mark.parametrize("args, key", [
+    (("--concentration-weight", "1.5"), "--concentration-weight"),
+    (("--concentration-weight", "-0.1"), "--concentration-weight"),
+    (("--beta-per-layer", "-3"), "--beta-per-layer"),
+    (("--beta-per-layer", "nan"), "--beta-per-layer"),
+    (("--importance", "hrank"), "--importance"),
+    (("--nhsic-estimator", "kde"), "--nhsic-estimator"),
+], ids=["weight-high", "weight-low", "beta-negative", "beta-nan", "unknown-importance", "unknown-estimator"])
+def test_bad_importance_settings(capsys, tmp_path, args, key):
+    out = tmp_path / "run"
+    line = run_cli(capsys, *job(out, *args))
+    assert key in line
+    assert not out.exists()
+
+
 # --- data --------------------------------------------------------------------------------------
 
 def test_missing_data_directory(capsys, tmp_path):

@@ -98,13 +98,24 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     assert main(["gate", str(out / "report.json"), "--max-latency-ms", str(comp["median"] / 10)]) == 3
 
 
-def test_flops_budget_uses_the_budget(digits_weights, tmp_path):
+@pytest.mark.parametrize("importance", ["nhsic", "concentration", "fused"])
+def test_flops_budget_uses_the_budget(digits_weights, tmp_path, importance):
     code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "20M",
-                             "--finetune-epochs", "0")
+                             "--finetune-epochs", "0", "--importance", importance)
     assert code == 0
     assert report["budget"] == {"kind": "flops", "value": 20e6}
     assert 0.97 * 20e6 <= report["compressed"]["flops"] <= 20e6
     assert report["compressed"]["latency_ms"]["median"] > 0  # still measured, for the record
+    # The report explains the allocation: per-group importance components and cost shares.
+    assert report["importance"]["method"] == importance
+    assert report["allocation"]["budget_used"] == pytest.approx(report["compressed"]["flops"] / 20e6, rel=1e-6)
+    assert report["timings_s"]["solve"] < 1.0
+    prunable = [g for g in report["groups"] if g["prunable"]]
+    wanted = {"nhsic": {"nhsic_t"}, "concentration": {"rank", "entropy"}, "fused": {"nhsic_t", "rank", "entropy"}}
+    for g in prunable:
+        assert wanted[importance] <= set(g["importance_components"])
+        assert 0 < g["kept"] <= g["channels"] and 0 <= g["macs_share"] <= 1
+    assert "| rank | entropy |" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_budget_above_baseline_prunes_nothing(digits_weights, tmp_path):

@@ -267,7 +267,7 @@ def test_dead_layer_gets_the_lowest_score():
         model.conv_b.weight.zero_()
         model.conv_b.bias.fill_(-1.0)  # ReLU(-1) = 0 everywhere: carries nothing
     result = layer_importance(model, groups, x)
-    assert result.details["constant_layers"] == ["b"]
+    assert result.details["constant_layers"] == ["conv_b"]  # layers are named by module
     assert result.scores["b"] == min(result.scores.values())
     assert all(np.isfinite(v) for v in result.scores.values())
 
@@ -319,3 +319,26 @@ def test_uniform_and_unknown_methods():
     assert layer_importance(model, groups, x, method="uniform").scores == {"a": 1.0, "b": 1.0, "c": 1.0}
     with pytest.raises(BadInput, match="unknown importance method"):
         layer_importance(model, groups, x, method="magic")
+
+
+def test_a_coupled_group_scores_the_sum_of_its_layers():
+    # ResNet-20's stage-2 residual group controls the shortcut BN and every block's bn2: four layers.
+    from compressor.groups import discover_groups
+    from compressor.importance import group_layers
+    from compressor.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    groups = discover_groups(model, torch.zeros(1, 3, 16, 16))
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    residual = next(g for g in groups if g.name == "layer2.0.downsample.0")
+    assert sorted(group_layers(model, residual)) == ["layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2",
+                                                     "layer2.2.bn2"]
+    for method in ("nhsic", "concentration"):
+        result = layer_importance(model, groups, x, method=method, n=64)
+        per_layer = result.details["layer_scores"]
+        raw = {g.name: sum(per_layer[m] for m in group_layers(model, g)) for g in groups if g.prunable}
+        top = max(raw.values())
+        for name, value in raw.items():
+            assert result.scores[name] == pytest.approx(value / top, rel=1e-6)
+        assert result.per_group["layer2.0.downsample.0"]["layers"] == 4
