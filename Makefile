@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean bench-solver bench-importance
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Issue 3's benches (results committed in bench/results/). Trained weights are cached in runs/bench/.
+bench-solver: $(STAMP)
+	$(BIN)/python bench/solver_resnet56.py --epochs 12
+
+bench-importance: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/importance_accuracy.py --budgets 0.4 --seeds 0,1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,10 +31,12 @@ from threadpoolctl import threadpool_limits
 
 from compressor.errors import BadInput
 
-__all__ = ["Allocation", "solve_allocation", "uniform_allocation"]
+__all__ = ["MIN_BUDGET_USE", "Allocation", "solve_allocation", "uniform_allocation"]
 
 CostFn = Callable[[np.ndarray], float]
 
+# A plan should use at least this fraction of its budget (issue 3's contract for FLOPs/params).
+MIN_BUDGET_USE = 0.97
 # Relative slack when checking a continuous SLSQP answer against the budget.
 _FEAS_RTOL = 1e-6
 # The coarse greedy phase moves ~1/_COARSE_PARTS of a group's grid per step.
@@ -133,7 +135,7 @@ class _Problem:
         return float(self.w[i] * (self.u(np.float64(k_to) / c) - self.u(np.float64(k_from) / c)))
 
     # -- greedy moves ---------------------------------------------------------------------
-    def shrink(self, pos: np.ndarray, stride: np.ndarray | None = None) -> np.ndarray:
+    def shrink(self, pos: np.ndarray, stride: np.ndarray | None = None, frozen: int = -1) -> np.ndarray:
         """Remove grid steps, least utility lost per cost saved first, until the plan fits."""
         g = self.grid
         pos = pos.copy()
@@ -142,6 +144,8 @@ class _Problem:
         while cost > self.budget:
             best, best_key, best_cost = -1, None, cost
             for i in np.nonzero(pos > 0)[0].tolist():
+                if i == frozen:
+                    continue
                 step = 1 if stride is None else int(stride[i])
                 new_pos = max(pos[i] - step, 0)
                 trial = counts.copy()
@@ -225,6 +229,38 @@ class _Problem:
                     break
             if not improved:
                 break
+        return pos
+
+
+    def fill(self, pos: np.ndarray, target: float) -> np.ndarray:
+        """Reach ``target`` cost when the best plan stops short of it.
+
+        Happens when the utility optimum leaves a gap smaller than every remaining step (a
+        stem channel feeding several branches can cost 10 % of the budget). For each group,
+        force one more step, shrink the others until the plan fits, re-grow; among the
+        plans that reach the target, keep the best utility. The returned plan may have a
+        lower utility than ``pos``: the budget contract (use >= 97 % of it) comes first.
+        """
+        g = self.grid
+        for _ in range(int(g.last.sum())):
+            if self.cost(g.counts(pos)) >= target:
+                return pos
+            best, best_u = None, -np.inf
+            for j in np.nonzero(pos < g.last)[0].tolist():
+                trial = pos.copy()
+                trial[j] += 1
+                trial = self.shrink(trial, frozen=j)
+                if self.cost(g.counts(trial)) > self.budget:
+                    continue
+                trial = self.grow(trial)
+                if self.cost(g.counts(trial)) <= self.cost(g.counts(pos)):
+                    continue
+                u = self.utility(g.counts(trial))
+                if u > best_u:
+                    best, best_u = trial, u
+            if best is None:
+                return pos
+            pos = best
         return pos
 
 
@@ -459,6 +495,7 @@ def _solve(names, channels, importance, prunable, cost_fn, budget, *, alignment,
     winner = max(candidates, key=lambda n: (scored[n][0], scored[n][1]))
     if scored[winner][0]:
         candidates[winner] = prob.exchange(candidates[winner], max_moves=2 * len(names))
+        candidates[winner] = prob.fill(candidates[winner], MIN_BUDGET_USE * prob.budget)
         scored[winner] = (True, prob.utility(grid.counts(candidates[winner])))
     objectives = {n: round(float(np.sum(np.where(prun, imp * grid.counts(p) / ch, 0.0))), 9)
                   for n, p in candidates.items()}

@@ -9,7 +9,17 @@ depthwise conv), the L1 norm of each output filter, divided by that member's
 mean filter norm so that a 3x3x256 conv and a 1x1x16 shortcut count equally;
 the group score is the sum over members. Members whose filters are all zero
 are skipped.
+
+``taylor`` (needs ``calib_x`` and ``calib_y``): first-order Taylor estimate of the
+loss change when a channel is removed (Molchanov et al. 2017): at the output of
+each member where a removed channel is zeroed (BN out-members, or the
+conv/linear itself when no BN of the group follows it), |sum over space of
+activation x dLoss/dactivation| per sample, summed over the calibration batch
+and over those members; loss = cross-entropy with the labels. It is the
+linearisation of the channel game (`channel_game`): the gradient with respect
+to a per-sample channel multiplier of 1 at exactly the points that game masks.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -17,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from compressor.channel_plan import ChannelPlan
 from compressor.errors import BadInput
@@ -57,7 +68,71 @@ def _l1_scores(model: nn.Module, groups: Sequence[PrunableGroup], **_: object) -
     return scores
 
 
-RANKING_METHODS: Mapping[str, ScoreFn] = {"l1": _l1_scores}
+def _taylor_scores(model: nn.Module, groups: Sequence[PrunableGroup], *, calib_x: torch.Tensor | None = None,
+                   calib_y: torch.Tensor | None = None, batch_size: int = 128, **_: object) -> dict[str, torch.Tensor]:
+    from compressor.channel_game import masked_members  # noqa: PLC0415 - keeps this module light
+
+    if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 1 or calib_x.shape[0] < 1:
+        raise BadInput("taylor channel ranking needs calibration inputs (calib_x)")
+    if calib_y is None:
+        raise BadInput("taylor channel ranking needs calibration labels (calib_y)")
+    y = torch.as_tensor(calib_y)
+    if y.dim() != 1 or y.shape[0] != calib_x.shape[0] or y.is_floating_point() or y.dtype == torch.bool:
+        raise BadInput(f"taylor channel ranking: calib_y must hold one integer label per sample "
+                       f"(got shape {list(y.shape)} for {calib_x.shape[0]} samples)")
+    modules = dict(model.named_modules())
+    for g in groups:
+        for name in g.out_members():
+            if name not in modules:
+                raise BadInput(f"group {g.name!r}: member {name!r} is not a module of this model")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    points = masked_members(model, groups, calib_x[:1].to(device))
+    wanted = sorted({n for g in groups for n in points[g.name] if n in g.out_index})
+    per_module = {n: None for n in wanted}  # summed |a . g| per member channel, [M]
+    gates: list[tuple[str, torch.Tensor]] = []
+
+    def gate(name: str):
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+            ones = torch.ones(out.shape[0], out.shape[1], *([1] * (out.dim() - 2)), dtype=out.dtype,
+                              device=out.device, requires_grad=True)
+            gates.append((name, ones))
+            return out * ones
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [modules[n].register_forward_hook(gate(n)) for n in wanted]
+    model.eval()
+    try:
+        for lo in range(0, calib_x.shape[0], int(batch_size)):
+            gates.clear()
+            xb = calib_x[lo:lo + int(batch_size)].to(device)
+            yb = y[lo:lo + int(batch_size)].to(device=device, dtype=torch.long)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(xb), yb, reduction="sum")
+                grads = torch.autograd.grad(loss, [t for _, t in gates], allow_unused=True)
+            for (name, _), grad in zip(gates, grads):
+                if grad is None:
+                    continue
+                s = grad.detach().flatten(2).sum(2).abs().sum(0).double().cpu() if grad.dim() > 2 \
+                    else grad.detach().abs().sum(0).double().cpu()
+                per_module[name] = s if per_module[name] is None else per_module[name] + s
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    scores: dict[str, torch.Tensor] = {}
+    for g in groups:
+        total = torch.zeros(g.channels, dtype=torch.float64)
+        for name in points[g.name]:
+            s = per_module.get(name)
+            if s is not None and name in g.out_index:
+                total += s[list(g.out_index[name])]
+        scores[g.name] = total.float()
+    return scores
+
+
+RANKING_METHODS: Mapping[str, ScoreFn] = {"l1": _l1_scores, "taylor": _taylor_scores}
 
 
 def channel_scores(model: nn.Module, groups: Sequence[PrunableGroup], method: str = "l1",

@@ -111,6 +111,7 @@ import numpy as np
 import torch
 
 from compressor.errors import BadInput
+from compressor.tensor_input import as_tensor
 
 __all__ = [
     "ConcentrationStats",
@@ -134,12 +135,7 @@ _HIST_CHUNK_ELEMENTS = 1 << 22
 
 def _as_maps(fmaps: Any, name: str = "fmaps") -> torch.Tensor:
     """Return fmaps as a float tensor [n, C, H, W] (a [n, C] input becomes [n, C, 1, 1])."""
-    if isinstance(fmaps, np.ndarray):
-        t = torch.from_numpy(fmaps)
-    elif isinstance(fmaps, torch.Tensor):
-        t = fmaps.detach()
-    else:
-        raise BadInput(f"{name}: expected a torch tensor, got {type(fmaps).__name__}")
+    t = as_tensor(fmaps, name)
     if not t.is_floating_point():
         raise BadInput(f"{name}: expected a float tensor, got dtype {t.dtype}")
     if t.dim() == 2:

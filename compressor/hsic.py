@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from compressor.errors import BadInput
+from compressor.tensor_input import as_tensor
 
 __all__ = ["ESTIMATORS", "LayerGram", "centered_gram", "gram_of", "itpruner_scores", "nhsic", "nhsic_matrix",
            "nhsic_from_grams"]
@@ -44,12 +45,7 @@ _GRAM_CHUNK = 8192
 
 def _as_2d(x: Any, name: str) -> torch.Tensor:
     """x as a CPU tensor of shape [n, D] (any real dtype), one row per sample."""
-    if isinstance(x, np.ndarray):
-        t = torch.from_numpy(x)
-    elif isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        raise BadInput(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+    t = as_tensor(x, name)
     if t.dim() == 0:
         raise BadInput(f"{name}: expected a batch of samples, got a scalar")
     if t.is_complex():

@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.errors import BadInput
 
-__all__ = ["collect_activations", "summarise_activations"]
+__all__ = ["collect_activations", "model_device", "summarise_activations"]
 
 T = TypeVar("T")
 
@@ -30,7 +30,8 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (CPU for a model without any)."""
     for p in model.parameters():
         return p.device
     for b in model.buffers():
@@ -79,7 +80,7 @@ def _hooked_forward(model: nn.Module, module_names: Sequence[str], x: torch.Tens
                 raise BadInput(f"the model has no module named {mod_name!r} (a group's activation module)") from exc
             handles.append(module.register_forward_hook(make_hook(mod_name)))
         was_training = model.training
-        device = _model_device(model)
+        device = model_device(model)
         model.eval()
         try:
             with torch.no_grad():

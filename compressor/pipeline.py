@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.allocation import Allocation, solve_allocation
+from compressor.allocation import MIN_BUDGET_USE, Allocation, solve_allocation
 from compressor.channel_plan import ChannelPlan
 from compressor.channel_ranking import channel_scores, select_top
 from compressor.console import StageConsole
@@ -48,8 +48,6 @@ log = logging.getLogger("compressor")
 ACCEPT_LOW = 0.90
 ACCEPT_HIGH = 0.98
 AIM = 0.95
-# A FLOPs/params plan should use at least this much of its budget; below it the report says why.
-MIN_BUDGET_USE = 0.97
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
 

@@ -197,3 +197,16 @@ def test_bad_inputs(kwargs, match):
     args.update(kwargs)
     with pytest.raises(BadInput, match=match):
         solve_allocation(**args)
+
+
+@pytest.mark.parametrize("utility", ["log", "linear"])
+def test_budget_is_used_even_when_the_utility_optimum_leaves_a_gap(utility):
+    # An expensive, unimportant "stem" whose every channel costs 12 % of the budget: the
+    # utility optimum keeps both cheap groups whole and stops at 89 %; the contract is >= 97 %.
+    weights = np.array([100.0, 10.0, 10.0])
+    budget = 830.0
+    alloc = solve_allocation(["stem", "a", "b"], [16, 12, 12], [0.01, 1.0, 1.0], [True] * 3,
+                             lambda k: float(weights @ k), budget, min_keep_ratio=0.3, utility=utility)
+    assert alloc.success
+    assert 0.97 * budget <= alloc.cost <= budget
+    assert alloc.keep["stem"] == 6
