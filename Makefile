@@ -33,7 +33,7 @@ bench-solver: $(STAMP)
 	$(BIN)/python bench/solver_resnet56.py --epochs 12
 
 bench-importance: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/importance_accuracy.py --budgets 0.4 --seeds 0,1
+	OMP_NUM_THREADS=1 $(BIN)/python bench/importance_accuracy.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

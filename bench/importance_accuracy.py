@@ -12,7 +12,7 @@ fine-tune. Only the allocation differs:
 Seeds change the calibration batch, the fine-tune order and the generated `shapes` split
 (same distribution; the teacher is the same network). Reported: mean ± std over seeds.
 
-    python bench/importance_accuracy.py [--model resnet20] [--budgets 0.5,0.3] [--seeds 0,1,2]
+    python bench/importance_accuracy.py [--model resnet20] [--budgets 0.4] [--seeds 0,1]
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--train-epochs", type=int, default=8, help="training of the dense model (cached)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--budgets", default="0.5,0.3", help="FLOPs budgets as fractions of the baseline MACs")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budgets", default="0.4", help="FLOPs budgets as fractions of the baseline MACs")
+    parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -200,18 +200,33 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     def in_band(ms: float) -> bool:
         return ACCEPT_LOW * budget_ms <= ms <= ACCEPT_HIGH * budget_ms
 
+    # What the solver aims at, in predicted ms. Latency is not a function of MACs alone (a plan
+    # that keeps high-resolution layers wide is slower per MAC), so the model's error depends
+    # on the plan; the loop also corrects the *target*: a multiplicative step by the
+    # measured miss until one plan landed above the band and one below, then bisection
+    # (geometric) between their targets. Each measurement is also added to the model.
+    target_ms = AIM * budget_ms
+    target_over, target_under = math.inf, 0.0  # targets whose plans measured above / below the band
     for iteration in range(1, ctx.config.max_iterations + 1):
         if any(in_band(ms) for ms, _ in tried):
             break
         allocation = _solve(ctx, groups, importance, lambda k: estimate.predict(cost_model.macs(k)),
-                            AIM * budget_ms, min_keep)
+                            target_ms, min_keep)
         keep_vec = np.array([allocation.keep[n] for n in cost_model.group_names])
         macs = cost_model.macs(keep_vec)
         predicted = estimate.predict(macs)
         pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, _plan_from_keep(scores, groups, allocation.keep))
         measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
                                       f"iteration {iteration}").latency.median_ms
-        estimate.add(macs, measured)  # the correction: the next solve sees this measurement
+        estimate.add(macs, measured)  # the model learns where the solver is working
+        if measured > ACCEPT_HIGH * budget_ms:
+            target_over = min(target_over, target_ms)
+        elif measured < ACCEPT_LOW * budget_ms:
+            target_under = max(target_under, target_ms)
+        if target_under > 0 and math.isfinite(target_over):
+            target_ms = math.sqrt(target_under * target_over)
+        else:
+            target_ms *= AIM * budget_ms / measured
         tried.append((measured, allocation.keep))
         solves[id(allocation.keep)] = solver_summary(allocation)
         loop.append({"iteration": iteration, "predicted_latency_ms": predicted, "measured_latency_ms": measured,
@@ -225,6 +240,11 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, s
     measured, keep = max(fitting, key=lambda t: t[0])
     message = "" if guarded else (f"the chosen plan measured {measured:.4g} ms, inside the budget but within "
                                   f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
+    if measured < ACCEPT_LOW * budget_ms:
+        message = (f"no plan measured within [{ACCEPT_LOW:.0%}, {ACCEPT_HIGH:.0%}] of the budget in "
+                   f"{ctx.config.max_iterations} iterations; the widest plan that fits uses "
+                   f"{measured / budget_ms:.0%} of it (latency here does not follow MACs smoothly; "
+                   f"more --max-iterations may get closer)")
     return SearchResult(keep, loop, True, smallest_ms, message, solves.get(id(keep)))
 
 
