@@ -236,31 +236,38 @@ class _Problem:
         """Reach ``target`` cost when the best plan stops short of it.
 
         Happens when the utility optimum leaves a gap smaller than every remaining step (a
-        stem channel feeding several branches can cost 10 % of the budget). For each group,
-        force one more step, shrink the others until the plan fits, re-grow; among the
-        plans that reach the target, keep the best utility. The returned plan may have a
-        lower utility than ``pos``: the budget contract (use >= 97 % of it) comes first.
+        stem channel feeding several branches can cost 7 % of the budget). Trades: force one
+        more step of group j and take back just enough steps of ONE other group i to fit
+        (greedy shrinking would take the least useful group's big step and fall back under
+        the target). Among trades that reach the target the best utility wins, else the
+        largest cost; then the slack is re-spent. The plan may lose a little utility: the
+        budget contract (use >= 97 % of it) comes first.
         """
         g = self.grid
         for _ in range(int(g.last.sum())):
-            if self.cost(g.counts(pos)) >= target:
+            current = self.cost(g.counts(pos))
+            if current >= target:
                 return pos
-            best, best_u = None, -np.inf
+            best, best_key = None, None
             for j in np.nonzero(pos < g.last)[0].tolist():
-                trial = pos.copy()
-                trial[j] += 1
-                trial = self.shrink(trial, frozen=j)
-                if self.cost(g.counts(trial)) > self.budget:
-                    continue
-                trial = self.grow(trial)
-                if self.cost(g.counts(trial)) <= self.cost(g.counts(pos)):
-                    continue
-                u = self.utility(g.counts(trial))
-                if u > best_u:
-                    best, best_u = trial, u
+                forced = pos.copy()
+                forced[j] += 1
+                for i in np.nonzero(forced > 0)[0].tolist():
+                    if i == j:
+                        continue
+                    trial = forced.copy()
+                    cost = self.cost(g.counts(trial))
+                    while cost > self.budget and trial[i] > 0:
+                        trial[i] -= 1
+                        cost = self.cost(g.counts(trial))
+                    if cost > self.budget or cost <= current:
+                        continue
+                    key = (cost >= target, self.utility(g.counts(trial)) if cost >= target else cost)
+                    if best_key is None or key > best_key:
+                        best, best_key = trial, key
             if best is None:
                 return pos
-            pos = best
+            pos = self.grow(best)
         return pos
 
 

@@ -71,7 +71,9 @@ def _stdout() -> Console:
               help="nHSIC estimator: biased (ITPruner's, default) or debiased (unbiased HSIC)")
 @click.option("--concentration-weight", type=float,
               help="weight of rank vs entropy in the concentration score, in [0, 1] (default 0.5)")
-@click.option("--ranking", type=click.Choice(["l1"]), help="channel ranking inside a group (default l1)")
+@click.option("--ranking", type=click.Choice(["l1", "taylor", "shapley"]),
+              help="channel ranking inside a group: l1 (default), taylor (|activation x gradient|), "
+                   "shapley (Shapley values of a distillation game, refined around each cut)")
 @click.option("--utility", type=click.Choice(["log", "linear"]),
               help="allocation objective per group: log (default, no layer starved) or linear (ITPruner's)")
 @click.option("--max-iterations", type=int, help="closed-loop iterations for a latency budget (default 4)")

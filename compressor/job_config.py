@@ -28,7 +28,7 @@ from compressor.quantities import parse_quantity
 BUDGET_KINDS = ("latency_ms", "speedup", "flops", "params")
 IMPORTANCE_METHODS = ("nhsic", "concentration", "fused", "uniform")
 NHSIC_ESTIMATORS = ("biased", "debiased")
-RANKING_METHODS = ("l1",)
+RANKING_METHODS = ("l1", "taylor", "shapley")
 UTILITIES = ("log", "linear")
 
 

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 
 def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, compressed: dict, loop: list[dict],
                  groups: "list[PrunableGroup]", keep: dict[str, int], importance: dict[str, float],
-                 importance_details: dict, allocation: dict | None, cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
+                 importance_details: dict, allocation: dict | None, ranking: dict, cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
                  baseline_measurement: "Measurement", final_measurement: "Measurement | None") -> dict:
     keep_vec = np.array([keep[n] for n in cost_model.group_names])
     shares = cost_model.per_group_share(keep_vec, "macs")
@@ -58,6 +58,7 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
                     "macs_share": shares.get(g.name), "params_share": param_shares.get(g.name)} for g in groups],
         "importance": {k: v for k, v in importance_details.items() if k != "per_group"},
         "allocation": allocation,
+        "ranking": ranking,
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "artifacts": artifacts,
         "environment": environment,

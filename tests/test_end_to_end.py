@@ -118,6 +118,14 @@ def test_flops_budget_uses_the_budget(digits_weights, tmp_path, importance):
     assert "| rank | entropy |" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_taylor_ranking_runs_end_to_end(digits_weights, tmp_path):
+    code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "20M",
+                             "--finetune-epochs", "0", "--ranking", "taylor")
+    assert code == 0 and report["job"]["ranking"] == "taylor" and report["ranking"] == {"method": "taylor"}
+    assert 0.97 * 20e6 <= report["compressed"]["flops"] <= 20e6
+    assert report["timings_s"]["ranking"] > 0
+
+
 def test_budget_above_baseline_prunes_nothing(digits_weights, tmp_path):
     code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "1G")
     assert code == 0 and report["met"]
