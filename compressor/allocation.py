@@ -135,7 +135,7 @@ class _Problem:
         return float(self.w[i] * (self.u(np.float64(k_to) / c) - self.u(np.float64(k_from) / c)))
 
     # -- greedy moves ---------------------------------------------------------------------
-    def shrink(self, pos: np.ndarray, stride: np.ndarray | None = None, frozen: int = -1) -> np.ndarray:
+    def shrink(self, pos: np.ndarray, stride: np.ndarray | None = None) -> np.ndarray:
         """Remove grid steps, least utility lost per cost saved first, until the plan fits."""
         g = self.grid
         pos = pos.copy()
@@ -144,8 +144,6 @@ class _Problem:
         while cost > self.budget:
             best, best_key, best_cost = -1, None, cost
             for i in np.nonzero(pos > 0)[0].tolist():
-                if i == frozen:
-                    continue
                 step = 1 if stride is None else int(stride[i])
                 new_pos = max(pos[i] - step, 0)
                 trial = counts.copy()

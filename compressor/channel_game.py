@@ -39,9 +39,8 @@ import math
 import operator
 import time
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 
 from compressor.errors import BadInput
 from compressor.groups import PrunableGroup, build_dependency_graph
-from compressor.layer_activations import model_device
+from compressor.layer_activations import eval_mode, model_device
 from compressor.shapley import ShapleyAccumulator
 
 __all__ = [
@@ -77,18 +76,6 @@ class _NoFastPath(Exception):
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """BN must use running statistics (as in the deployed, pruned model); restore flags afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_inputs(model: nn.Module, group: PrunableGroup, calib_x: Any, calib_y: Any, loss: str
@@ -244,7 +231,7 @@ def _coalition_losses(logits: torch.Tensor, k: int, target: torch.Tensor, loss: 
 def _loss_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, loss: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher logits, loss target) on the calibration batch."""
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         teacher = _logits(model(x), x.shape[0])
     if loss == "kd":
         return teacher, F.log_softmax(teacher.double(), dim=-1)
@@ -291,7 +278,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> _Traced:
     if len(placeholders) != 1:
         raise _NoFastPath(f"the traced model takes {len(placeholders)} inputs, expected 1")
     rec = _MetaRecorder(gm)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         try:
             rec.run(x)
         except Exception as exc:  # noqa: BLE001
@@ -380,7 +367,7 @@ class _SuffixRunner:
             env[n] = pg.node_copy(n, lambda a: env[a])
         pg.output(tuple(env[n] for n in cached))
         prefix = torch.fx.GraphModule(traced.gm, pg)
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             values = prefix(x)
         self.cached = [v.detach() for v in values]
         self.repeat = repeat
@@ -436,7 +423,7 @@ class _HookRunner:
 
         handles = [m.register_forward_hook(record(n)) for n, m in modules.items() if n]
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), eval_mode(model):
                 model(x)
         finally:
             for h in handles:
@@ -526,7 +513,7 @@ class ChannelGame:
             points = _final_points(group, modules, traced.consumers)
             try:
                 runner = _SuffixRunner(traced, group, x, points, modules, model)
-                with torch.no_grad(), _eval_mode(model):  # the suffix must reproduce the model, batched
+                with torch.no_grad(), eval_mode(model):  # the suffix must reproduce the model, batched
                     got = runner.run(torch.ones(2, group.channels, dtype=torch.bool, device=x.device))
                 ok = (isinstance(got, torch.Tensor) and tuple(got.shape) == (2 * x.shape[0], teacher.shape[1])
                       and torch.allclose(got.view(2, *teacher.shape), teacher.expand(2, *teacher.shape),
@@ -582,7 +569,7 @@ class ChannelGame:
         if masks.dim() != 2 or masks.shape[1] != self.n_players:
             raise BadInput(f"channel game {self.group!r}: masks must be [k, {self.n_players}], "
                            f"got {list(masks.shape)}")
-        with torch.no_grad(), _eval_mode(self._model):
+        with torch.no_grad(), eval_mode(self._model):
             parts = [self._runner.run(masks[lo:lo + self.chunk]) for lo in range(0, masks.shape[0], self.chunk)]
         return torch.cat(parts).view(masks.shape[0], self._runner.batch, -1)
 
@@ -591,7 +578,7 @@ class ChannelGame:
         device = model_device(model)
         out = torch.empty(masks.shape[0], dtype=torch.float64)
         step = self.chunk
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             for lo in range(0, masks.shape[0], step):
                 part = masks[lo:lo + step].to(device)
                 k = part.shape[0]
@@ -633,7 +620,7 @@ class _ReferenceGame:
 
         handles = [self.modules[n].register_forward_hook(zero(n)) for n in self.group.out_members()]
         try:
-            with torch.no_grad(), _eval_mode(self.model):
+            with torch.no_grad(), eval_mode(self.model):
                 for r, row in enumerate(masks):
                     removed[:] = (~row).nonzero().flatten().tolist()
                     logits = _logits(self.model(self.x), self.x.shape[0])

@@ -71,6 +71,7 @@ def _l1_scores(model: nn.Module, groups: Sequence[PrunableGroup], **_: object) -
 def _taylor_scores(model: nn.Module, groups: Sequence[PrunableGroup], *, calib_x: torch.Tensor | None = None,
                    calib_y: torch.Tensor | None = None, batch_size: int = 128, **_: object) -> dict[str, torch.Tensor]:
     from compressor.channel_game import masked_members  # noqa: PLC0415 - keeps this module light
+    from compressor.layer_activations import eval_mode, model_device  # noqa: PLC0415
 
     if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 1 or calib_x.shape[0] < 1:
         raise BadInput("taylor channel ranking needs calibration inputs (calib_x)")
@@ -85,7 +86,7 @@ def _taylor_scores(model: nn.Module, groups: Sequence[PrunableGroup], *, calib_x
         for name in g.out_members():
             if name not in modules:
                 raise BadInput(f"group {g.name!r}: member {name!r} is not a module of this model")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     points = masked_members(model, groups, calib_x[:1].to(device))
     wanted = sorted({n for g in groups for n in points[g.name] if n in g.out_index})
     per_module = {n: None for n in wanted}  # summed |a . g| per member channel, [M]
@@ -99,28 +100,25 @@ def _taylor_scores(model: nn.Module, groups: Sequence[PrunableGroup], *, calib_x
             return out * ones
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
     handles = [modules[n].register_forward_hook(gate(n)) for n in wanted]
-    model.eval()
     try:
-        for lo in range(0, calib_x.shape[0], int(batch_size)):
-            gates.clear()
-            xb = calib_x[lo:lo + int(batch_size)].to(device)
-            yb = y[lo:lo + int(batch_size)].to(device=device, dtype=torch.long)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(xb), yb, reduction="sum")
-                grads = torch.autograd.grad(loss, [t for _, t in gates], allow_unused=True)
-            for (name, _), grad in zip(gates, grads):
-                if grad is None:
-                    continue
-                s = grad.detach().flatten(2).sum(2).abs().sum(0).double().cpu() if grad.dim() > 2 \
-                    else grad.detach().abs().sum(0).double().cpu()
-                per_module[name] = s if per_module[name] is None else per_module[name] + s
+        with eval_mode(model):
+            for lo in range(0, calib_x.shape[0], int(batch_size)):
+                gates.clear()
+                xb = calib_x[lo:lo + int(batch_size)].to(device)
+                yb = y[lo:lo + int(batch_size)].to(device=device, dtype=torch.long)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(model(xb), yb, reduction="sum")
+                    grads = torch.autograd.grad(loss, [t for _, t in gates], allow_unused=True)
+                for (name, _), grad in zip(gates, grads):
+                    if grad is None:
+                        continue
+                    s = grad.detach().flatten(2).sum(2).abs().sum(0).double().cpu() if grad.dim() > 2 \
+                        else grad.detach().abs().sum(0).double().cpu()
+                    per_module[name] = s if per_module[name] is None else per_module[name] + s
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     scores: dict[str, torch.Tensor] = {}
     for g in groups:
         total = torch.zeros(g.channels, dtype=torch.float64)

@@ -48,7 +48,7 @@ from torch import nn
 
 from compressor.concentration import ConcentrationStats, concentration_scores, group_statistics
 from compressor.errors import BadInput
-from compressor.layer_activations import collect_activations, summarise_activations
+from compressor.layer_activations import summarise_activations
 from compressor.hsic import ESTIMATORS, LayerGram, centered_gram, gram_of, itpruner_scores, nhsic, nhsic_matrix
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "ImportanceResult",
     "ImportanceSettings",
     "centered_gram",
-    "collect_activations",
     "itpruner_scores",
     "layer_importance",
     "list_methods",

@@ -235,8 +235,8 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
                             f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
                             f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
-    tried: list[tuple[float, dict[str, int]]] = [(smallest_ms, min_keep_map)]  # (measured ms, keep)
-    solves: dict[int, dict] = {}  # id(keep) -> solver summary, to report the chosen plan's solve
+    # (measured ms, keep, summary of the solve that produced it; None for the smallest plan)
+    tried: list[tuple[float, dict[str, int], dict | None]] = [(smallest_ms, min_keep_map, None)]
 
     def in_band(ms: float) -> bool:
         return ACCEPT_LOW * budget_ms <= ms <= ACCEPT_HIGH * budget_ms
@@ -249,7 +249,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     target_ms = AIM * budget_ms
     target_over, target_under = math.inf, 0.0  # targets whose plans measured above / below the band
     for iteration in range(1, ctx.config.max_iterations + 1):
-        if any(in_band(ms) for ms, _ in tried):
+        if any(in_band(t[0]) for t in tried):
             break
         allocation = _solve(ctx, groups, importance, lambda k: estimate.predict(cost_model.macs(k)),
                             target_ms, min_keep)
@@ -268,8 +268,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
             target_ms = math.sqrt(target_under * target_over)
         else:
             target_ms *= AIM * budget_ms / measured
-        tried.append((measured, allocation.keep))
-        solves[id(allocation.keep)] = solver_summary(allocation)
+        tried.append((measured, allocation.keep, solver_summary(allocation)))
         loop.append({"iteration": iteration, "predicted_latency_ms": predicted, "measured_latency_ms": measured,
                      "macs": macs, "solver": allocation.solver})
         ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
@@ -278,7 +277,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     # The widest plan inside the guard band; failing that, the widest measured within the budget.
     guarded = [t for t in tried if t[0] <= ACCEPT_HIGH * budget_ms]
     fitting = guarded or [t for t in tried if t[0] <= budget_ms]
-    measured, keep = max(fitting, key=lambda t: t[0])
+    measured, keep, solve = max(fitting, key=lambda t: t[0])
     message = "" if guarded else (f"the chosen plan measured {measured:.4g} ms, inside the budget but within "
                                   f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
     if measured < ACCEPT_LOW * budget_ms:
@@ -286,7 +285,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
                    f"{ctx.config.max_iterations} iterations; the widest plan that fits uses "
                    f"{measured / budget_ms:.0%} of it (latency here does not follow MACs smoothly; "
                    f"more --max-iterations may get closer)")
-    return SearchResult(keep, loop, True, smallest_ms, message, solves.get(id(keep)))
+    return SearchResult(keep, loop, True, smallest_ms, message, solve)
 
 
 def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:

@@ -10,10 +10,10 @@ from torch import nn
 
 from compressor.errors import BadInput
 from compressor.hsic import nhsic_from_grams, gram_of
+from compressor.layer_activations import summarise_activations
 from compressor.importance import (
     DEFAULT_BETA_PER_LAYER,
     ImportanceSettings,
-    collect_activations,
     itpruner_scores,
     layer_importance,
     nhsic,
@@ -231,16 +231,16 @@ def _branch_setup():
     return model, x, groups
 
 
-def test_collect_activations_hooks_the_named_modules_after_relu():
-    model, x, groups = _branch_setup()
+def test_summarise_activations_hooks_the_named_modules_after_relu():
+    model, x, _ = _branch_setup()
     model.train()
-    acts = collect_activations(model, groups, x, n=50, batch_size=16)
-    assert set(acts) == {"a", "b", "c", "fixed"}
-    assert acts["a"].shape == (50, 4 * 3 * 3) and acts["a"].dtype == torch.float32
+    acts = summarise_activations(model, ["conv_a", "conv_b", "conv_c", "head"], x, lambda t: t, n=50)
+    assert set(acts) == {"conv_a", "conv_b", "conv_c", "head"}
+    assert acts["conv_a"].shape == (50, 4, 3, 3) and acts["conv_a"].dtype == torch.float32
     with torch.no_grad():
-        expected = torch.relu(model.conv_c(x[:50, 2:])).reshape(50, -1)
-    assert torch.allclose(acts["c"], expected, atol=1e-6)
-    assert float(acts["fixed"].min()) >= 0.0  # ReLU applied to the head's logits too
+        expected = torch.relu(model.conv_c(x[:50, 2:]))
+    assert torch.allclose(acts["conv_c"], expected, atol=1e-6)
+    assert float(acts["head"].min()) >= 0.0  # ReLU applied to the head's logits too
     assert model.training  # the caller's mode is restored
 
 
