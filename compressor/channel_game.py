@@ -707,8 +707,13 @@ class ShapleyRanker:
         self._acc: dict[str, ShapleyAccumulator] = {}
         self._gen: dict[str, torch.Generator] = {}
 
-    def scores(self, keep: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
-        """Shapley values per prunable group (float32 [C], higher = keep); refined around keep[g]."""
+    def scores(self, keep: Mapping[str, int] | None = None, *,
+               progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+        """Shapley values per prunable group (float32 [C], higher = keep); refined around keep[g].
+
+        Groups not in `keep` get their current estimate (the initial permutations on first use).
+        `progress(group_name)` is called after each group.
+        """
         keep = dict(keep or {})
         for name, k in keep.items():
             g = self.groups.get(name)
@@ -723,6 +728,8 @@ class ShapleyRanker:
         for name, g in self.groups.items():
             if g.prunable:
                 out[name] = self._score_group(g, keep.get(name), shared).values.float()
+                if progress is not None:
+                    progress(name)
         return out
 
     def _unsure(self, acc: ShapleyAccumulator, k: int) -> list[int]:

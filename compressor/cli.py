@@ -72,8 +72,14 @@ def _stdout() -> Console:
 @click.option("--concentration-weight", type=float,
               help="weight of rank vs entropy in the concentration score, in [0, 1] (default 0.5)")
 @click.option("--ranking", type=click.Choice(["l1", "taylor", "shapley"]),
-              help="channel ranking inside a group: l1 (default), taylor (|activation x gradient|), "
-                   "shapley (Shapley values of a distillation game, refined around each cut)")
+              help="channel ranking inside a group: shapley (default: Shapley values of a distillation game, "
+                   "refined around the final cut), taylor (|activation x gradient|), l1 (filter norm)")
+@click.option("--shapley-samples", type=int,
+              help="calibration samples each Shapley coalition is scored on (default 64)")
+@click.option("--shapley-permutations", type=int,
+              help="antithetic permutations every group gets before refinement, >= 2 (default 8)")
+@click.option("--shapley-evaluations", type=int,
+              help="cap on coalition evaluations per group for refining the final cut (default 300; 0: no refinement)")
 @click.option("--utility", type=click.Choice(["log", "linear"]),
               help="allocation objective per group: log (default, no layer starved) or linear (ITPruner's)")
 @click.option("--max-iterations", type=int, help="closed-loop iterations for a latency budget (default 4)")

@@ -71,7 +71,10 @@ class JobConfig:
     beta_per_layer: float = 18.5
     nhsic_estimator: str = "biased"
     concentration_weight: float = 0.5
-    ranking: str = "l1"
+    ranking: str = "shapley"
+    shapley_samples: int = 64
+    shapley_permutations: int = 8
+    shapley_evaluations: int = 300
     utility: str = "log"
     max_iterations: int = 4
     batch_size: int | None = None
@@ -85,7 +88,8 @@ class JobConfig:
     def fingerprint(self) -> dict:
         """What must match for `--resume` to continue an earlier run in the same folder."""
         keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
-                "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight", "ranking", "utility",
+                "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight", "ranking",
+                "shapley_samples", "shapley_permutations", "shapley_evaluations", "utility",
                 "batch_size", "min_keep_ratio")
         fp = {k: _jsonable(getattr(self, k)) for k in keys}
         fp["weights"] = str(self.weights) if self.weights else None
@@ -104,7 +108,8 @@ def _jsonable(value: Any) -> Any:
 # Keys a compress.yaml may hold (dashes normalised to underscores).
 _YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
               "calib_size", "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight",
-              "ranking", "utility", "max_iterations", "batch_size", "warmup",
+              "ranking", "shapley_samples", "shapley_permutations", "shapley_evaluations",
+              "utility", "max_iterations", "batch_size", "warmup",
               "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
 
 
@@ -233,7 +238,7 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
     if nhsic_estimator not in NHSIC_ESTIMATORS:
         raise BadInput(f"--nhsic-estimator: unknown {nhsic_estimator!r}; choose from {', '.join(NHSIC_ESTIMATORS)}")
     concentration_weight = _number(merged, "concentration_weight", 0.5, low=0.0, high=1.0)
-    ranking = str(merged.get("ranking", "l1"))
+    ranking = str(merged.get("ranking", "shapley"))
     if ranking not in RANKING_METHODS:
         raise BadInput(f"--ranking: unknown {ranking!r}; choose from {', '.join(RANKING_METHODS)}")
     utility = str(merged.get("utility", "log"))
@@ -264,6 +269,9 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
         nhsic_estimator=nhsic_estimator,
         concentration_weight=concentration_weight,
         ranking=ranking,
+        shapley_samples=positive_int("shapley_samples") or 64,
+        shapley_permutations=positive_int("shapley_permutations", 2) or 8,
+        shapley_evaluations=positive_int("shapley_evaluations", 0) if merged.get("shapley_evaluations") is not None else 300,
         utility=utility,
         max_iterations=positive_int("max_iterations") or 4,
         batch_size=positive_int("batch_size"),

@@ -151,40 +151,69 @@ def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int) -> l
     return counts
 
 
-# Calibration samples the Shapley channel game runs on (each coalition re-runs them), and the
-# value_fn rows each group may spend per plan. Issue 4's speed work is not finished: at these
-# settings ResNet-20 on digits took ~10 min with a 5000 cap, so the cap is kept low here.
-SHAPLEY_SAMPLES = 64
-SHAPLEY_MAX_EVALUATIONS = 1000
+# Stop refining a channel's Shapley value once its confidence half-width is below this fraction of
+# the group's mean |value|: channels that close are interchangeable for the pruned loss, and
+# resolving such near-ties is what would spend most of the evaluation cap.
+SHAPLEY_INDIFFERENCE = 0.05
 
 
 class ChannelRanking:
     """Which channels each group keeps, given how many: the `--ranking` method.
 
-    ``l1`` and ``taylor`` score every channel once. ``shapley`` refines its Shapley values
-    around each plan's cut (adaptive precision), so the scores depend on the plan asked for.
+    ``l1`` and ``taylor`` score every channel once. ``shapley`` estimates every group's Shapley
+    values once (``--shapley-permutations`` antithetic permutations on ``--shapley-samples``
+    calibration samples) and refines them around the *final* plan's cut only: the closed loop's
+    trial plans are measured for latency, which depends on how many channels are kept, not on
+    which, so they use the unrefined values.
     """
 
     def __init__(self, ctx: JobContext, model: torch.nn.Module, groups: list[PrunableGroup]):
         started = time.perf_counter()
         self.timings = ctx.timings  # ranking time is reported in timings_s.ranking
+        self.console = ctx.console
+        self.config = ctx.config
         self.method = ctx.config.ranking
         self.groups = groups
+        self.samples = min(ctx.config.shapley_samples, int(ctx.data.calib_x.shape[0]))
         self._fixed: dict[str, torch.Tensor] | None = None
         self._shapley: ShapleyRanker | None = None
+        self._initial: dict[str, torch.Tensor] | None = None
         if self.method == "shapley":
-            self._shapley = ShapleyRanker(model, [g for g in groups if g.prunable], ctx.data.calib_x[:SHAPLEY_SAMPLES],
+            self._shapley = ShapleyRanker(model, [g for g in groups if g.prunable], ctx.data.calib_x[:self.samples],
                                           loss="kd", seed=ctx.config.seed,
-                                          max_evaluations_per_group=SHAPLEY_MAX_EVALUATIONS)
+                                          initial_permutations=ctx.config.shapley_permutations,
+                                          max_evaluations_per_group=max(1, ctx.config.shapley_evaluations),
+                                          indifference=SHAPLEY_INDIFFERENCE)
         else:
             self._fixed = channel_scores(model, groups, method=self.method, calib_x=ctx.data.calib_x,
                                          calib_y=ctx.data.calib_y)
         self.timings["ranking"] += time.perf_counter() - started
 
-    def plan(self, keep: dict[str, int]) -> ChannelPlan:
+    def prepare(self) -> None:
+        """Compute what every plan needs first (Shapley: the initial permutations), with progress."""
+        if self._shapley is not None and self._initial is None:
+            started = time.perf_counter()
+            self._initial = self._shapley_scores(None, f"{self.config.shapley_permutations} permutations")
+            self.timings["ranking"] += time.perf_counter() - started
+
+    def _shapley_scores(self, keep: dict[str, int] | None, what: str) -> dict[str, torch.Tensor]:
+        assert self._shapley is not None
+        prunable = [g for g in self.groups if g.prunable]
+        with self.console.stage(f"Shapley channel values ({what})", total=len(prunable)) as advance:
+            return self._shapley.scores(keep, progress=lambda name: advance(1, name))
+
+    def plan(self, keep: dict[str, int], *, refine: bool = True) -> ChannelPlan:
+        """The kept channels for `keep`; refine=False: a plan that is only measured for latency."""
         started = time.perf_counter()
         wanted = {g.name: int(keep[g.name]) for g in self.groups if g.prunable}
-        scores = self._fixed if self._shapley is None else self._shapley.scores(wanted)
+        if self._shapley is None:
+            scores = self._fixed
+        elif refine and self.config.shapley_evaluations > 0:
+            scores = self._shapley_scores(wanted, "refined around the cut")
+        else:
+            if self._initial is None:  # not prepared: no progress display (we may be inside another stage)
+                self._initial = self._shapley.scores(None)
+            scores = self._initial
         plan = select_top({name: scores[name] for name in wanted}, wanted)
         self.timings["ranking"] += time.perf_counter() - started
         return plan
@@ -193,7 +222,13 @@ class ChannelRanking:
         """For the report: the method and, for Shapley, evaluations spent per group."""
         if self._shapley is None:
             return {"method": self.method}
-        return {"method": self.method, "samples": SHAPLEY_SAMPLES, "loss": "kd", "groups": self._shapley.report}
+        groups = self._shapley.report
+        return {"method": self.method, "samples": self.samples, "loss": "kd",
+                "initial_permutations": self.config.shapley_permutations,
+                "max_evaluations_per_group": self.config.shapley_evaluations,
+                "confidence": self._shapley.confidence, "indifference": self._shapley.indifference,
+                "evaluations": sum(g["evaluations"] for g in groups.values()),
+                "stable_groups": sum(bool(g["stable"]) for g in groups.values()), "groups": groups}
 
 
 def solver_summary(allocation: Allocation) -> dict:
@@ -225,7 +260,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     min_keep_map = dict(zip(cost_model.group_names, min_keep))
 
     # The smallest model this job can build: measuring it bounds what any budget can reach.
-    smallest = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(min_keep_map))
+    smallest = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(min_keep_map, refine=False))
     smallest_ms = export_and_measure(ctx, smallest, workdir / "smallest.onnx", "smallest plan").latency.median_ms
     estimate.add(cost_model.macs(np.array(min_keep)), smallest_ms)
     loop = [{"iteration": 0, "predicted_latency_ms": None, "measured_latency_ms": smallest_ms,
@@ -256,7 +291,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
         keep_vec = np.array([allocation.keep[n] for n in cost_model.group_names])
         macs = cost_model.macs(keep_vec)
         predicted = estimate.predict(macs)
-        pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(allocation.keep))
+        pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(allocation.keep, refine=False))
         measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
                                       f"iteration {iteration}").latency.median_ms
         estimate.add(macs, measured)  # the model learns where the solver is working
@@ -398,6 +433,8 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                 ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
             ctx.timings["importance"] += time.perf_counter() - t
         cached = ctx.run.load_stage("search")
+        if not cached:
+            ranking.prepare()
         if cached:
             search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
                                   cached["smallest_latency_ms"], cached["message"], cached.get("solver"))
@@ -430,7 +467,13 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
         return finish(ctx, report)
 
     # Physical pruning, BN recalibration, fine-tuning with distillation from the original.
-    plan = ranking.plan(search.keep)
+    cached = ctx.run.load_stage("plan")  # Shapley refinement is the slow part of ranking: keep it on resume
+    if cached:
+        plan, ranking_summary = ChannelPlan.from_dict(cached["kept"]), cached["ranking"]
+    else:
+        plan = ranking.plan(search.keep)
+        ranking_summary = ranking.summary()
+        ctx.run.save_stage("plan", {"kept": plan.to_dict(), "ranking": ranking_summary})
     pruned = apply_plan(copy.deepcopy(model), ctx.example_input, plan)
     t = time.perf_counter()
     if not pruned_nothing:
@@ -473,7 +516,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                  "plan": Path(weights["plan"]).name, "engine": None, "log": "compress.log"}
     report = build_report(ctx=ctx, budget=budget, met=met, baseline=baseline, compressed=compressed,
                           loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
-                          importance_details=importance_details, allocation=search.solver, ranking=ranking.summary(),
+                          importance_details=importance_details, allocation=search.solver, ranking=ranking_summary,
                               cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
                           baseline_measurement=baseline_measurement, final_measurement=final_measurement)
     return finish(ctx, report)

@@ -35,8 +35,13 @@ def digits_weights(tmp_path_factory) -> Path:
     return path
 
 
+# Shapley ranking (the default) has its own test below; the other runs use l1 to keep the suite fast.
+FAST_RANKING = ["--ranking", "l1"]
+
+
 def _compress(out: Path, *args: str) -> tuple[int, dict | None]:
-    code = main(["--model", "resnet20", "--data", "digits", "--out", str(out), "-q", *FAST_MEASURE, *args])
+    ranking = [] if any(a.startswith("--ranking") or a.startswith("--shapley") for a in args) else FAST_RANKING
+    code = main(["--model", "resnet20", "--data", "digits", "--out", str(out), "-q", *FAST_MEASURE, *ranking, *args])
     report_file = out / "report.json"
     return code, (json.loads(report_file.read_text()) if report_file.exists() else None)
 
@@ -124,6 +129,32 @@ def test_taylor_ranking_runs_end_to_end(digits_weights, tmp_path):
     assert code == 0 and report["job"]["ranking"] == "taylor" and report["ranking"] == {"method": "taylor"}
     assert 0.97 * 20e6 <= report["compressed"]["flops"] <= 20e6
     assert report["timings_s"]["ranking"] > 0
+
+
+def test_shapley_is_the_default_ranking_and_reports_its_evaluations(digits_weights, tmp_path):
+    out = tmp_path / "run"
+    args = ("--weights", str(digits_weights), "--flops", "20M", "--finetune-epochs", "0",
+            "--shapley-samples", "16", "--shapley-permutations", "2", "--shapley-evaluations", "40")
+    code, report = _compress(out, *args)
+    assert code == 0 and report["job"]["ranking"] == "shapley"
+    ranking = report["ranking"]
+    assert ranking["method"] == "shapley" and ranking["samples"] == 16 and ranking["loss"] == "kd"
+    prunable = [g["name"] for g in report["groups"] if g["prunable"]]
+    assert set(ranking["groups"]) == set(prunable)
+    for name, g in ranking["groups"].items():
+        # the initial antithetic pair costs 2 + 2 (C - 1) rows; refinement adds at most the cap of 40
+        channels = next(x["channels"] for x in report["groups"] if x["name"] == name)
+        assert 2 * channels <= g["evaluations"] <= 2 * channels + 40 + 2, (name, g)
+        assert g["fast_path"] is True and g["permutations"] == 2
+    assert ranking["evaluations"] == sum(g["evaluations"] for g in ranking["groups"].values())
+    assert 0.97 * 20e6 <= report["compressed"]["flops"] <= 20e6
+    # the kept channels are the ones the Shapley plan chose, and a resume reuses them without re-ranking
+    plan = json.loads((out / "pruned.plan.json").read_text())
+    (out / "report.json").unlink()
+    (out / "stages" / "report.json").unlink()
+    code, again = _compress(out, *args, "--resume")
+    assert code == 0 and again["ranking"] == ranking
+    assert json.loads((out / "pruned.plan.json").read_text()) == plan
 
 
 def test_budget_above_baseline_prunes_nothing(digits_weights, tmp_path):
