@@ -102,10 +102,9 @@ def main() -> None:
                                  for r in results[-len(METHODS):])
                 print(f"  {data} seed {seed} keep {frac:.0%}: {line}  (shapley {shapley_s:.0f} s)", flush=True)
 
-    def cell(data: str, frac: float, method: str, key: str) -> str:
-        vals = [100 * r[key] for r in results if r["data"] == data and r["keep"] == frac and r["method"] == method]
-        mean, std = mean_std(vals)
-        return f"{mean:.1f} ± {std:.1f}"
+    def stats(data: str, frac: float, method: str, key: str) -> tuple[float, float]:
+        return mean_std([100 * r[key] for r in results
+                         if r["data"] == data and r["keep"] == frac and r["method"] == method])
 
     md = [f"# Channel ranking quality: same layer-wise plan, no fine-tuning ({args.model})", "",
           f"Every prunable group keeps the same fraction of its channels; only which channels differ. "
@@ -118,8 +117,9 @@ def main() -> None:
                "|---|---|---|" + "---|" * len(METHODS)]
         for data in dense:
             for frac in fractions:
-                cells = [cell(data, frac, m, key) for m in METHODS]
-                best = max(range(len(METHODS)), key=lambda i: float(cells[i].split(" ")[0]))
+                means = [stats(data, frac, m, key) for m in METHODS]
+                cells = [f"{mean:.1f} ± {std:.1f}" for mean, std in means]
+                best = max(range(len(METHODS)), key=lambda i: means[i][0])
                 cells[best] = f"**{cells[best]}**"
                 md.append(f"| {data} | {frac:.0%} | {100 * dense[data]:.1f} | " + " | ".join(cells) + " |")
         md.append("")

@@ -24,6 +24,7 @@ sum(evals x full MACs) / sum(evals x suffix MACs) faster than the naive path.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -40,7 +41,7 @@ def _suffix_macs(net, x, groups) -> tuple[float, dict[str, float]]:
     def hook(name):
         def record(module, inputs, output):
             if isinstance(module, nn.modules.conv._ConvNd):
-                k = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
+                k = module.in_channels // module.groups * math.prod(module.kernel_size)
                 calls.append((name, output.numel() * k))
             elif isinstance(module, nn.Linear):
                 calls.append((name, output.numel() * module.in_features))

@@ -177,7 +177,6 @@ class ChannelRanking:
         self.samples = min(ctx.config.shapley_samples, int(ctx.data.calib_x.shape[0]))
         self._fixed: dict[str, torch.Tensor] | None = None
         self._shapley: ShapleyRanker | None = None
-        self._initial: dict[str, torch.Tensor] | None = None
         if self.method == "shapley":
             self._shapley = ShapleyRanker(model, [g for g in groups if g.prunable], ctx.data.calib_x[:self.samples],
                                           loss="kd", seed=ctx.config.seed,
@@ -190,10 +189,13 @@ class ChannelRanking:
         self.timings["ranking"] += time.perf_counter() - started
 
     def prepare(self) -> None:
-        """Compute what every plan needs first (Shapley: the initial permutations), with progress."""
-        if self._shapley is not None and self._initial is None:
+        """Compute what every plan needs first (Shapley: the initial permutations), with progress.
+
+        Call it outside any other progress stage; later unrefined plans reuse the ranker's estimates.
+        """
+        if self._shapley is not None:
             started = time.perf_counter()
-            self._initial = self._shapley_scores(None, f"{self.config.shapley_permutations} permutations")
+            self._shapley_scores(None, f"{self.config.shapley_permutations} permutations")
             self.timings["ranking"] += time.perf_counter() - started
 
     def _shapley_scores(self, keep: dict[str, int] | None, what: str) -> dict[str, torch.Tensor]:
@@ -210,10 +212,8 @@ class ChannelRanking:
             scores = self._fixed
         elif refine and self.config.shapley_evaluations > 0:
             scores = self._shapley_scores(wanted, "refined around the cut")
-        else:
-            if self._initial is None:  # not prepared: no progress display (we may be inside another stage)
-                self._initial = self._shapley.scores(None)
-            scores = self._initial
+        else:  # the current estimates; no progress display (we may be inside another stage)
+            scores = self._shapley.scores(None)
         plan = select_top({name: scores[name] for name in wanted}, wanted)
         self.timings["ranking"] += time.perf_counter() - started
         return plan
@@ -433,17 +433,17 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                 ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
             ctx.timings["importance"] += time.perf_counter() - t
         cached = ctx.run.load_stage("search")
-        if not cached:
-            ranking.prepare()
         if cached:
             search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
                                   cached["smallest_latency_ms"], cached["message"], cached.get("solver"))
-        elif budget_kind == "latency_ms":
-            with console.stage("searching for a plan that fits the measured budget"):
-                search = search_latency(ctx, groups, cost_model, importance_scores, ranking, budget_value,
-                                        baseline_ms, workdir)
         else:
-            search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
+            ranking.prepare()  # with its own progress: the loop's trial plans run inside the search stage
+            if budget_kind == "latency_ms":
+                with console.stage("searching for a plan that fits the measured budget"):
+                    search = search_latency(ctx, groups, cost_model, importance_scores, ranking, budget_value,
+                                            baseline_ms, workdir)
+            else:
+                search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
         ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,
                                       "smallest_latency_ms": search.smallest_latency_ms, "message": search.message,
                                       "solver": search.solver})
