@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench-solver bench-importance bench-shapley bench-ranking
+.PHONY: venv demo test clean bench-solver bench-importance bench-shapley bench-ranking bench-latency
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-shapley: $(STAMP)
 # Accuracy kept by shapley / taylor / l1 / random under one plan, no fine-tune (~30 min on 2 cores).
 bench-ranking: $(STAMP)
 	$(BIN)/python bench/ranking_quality.py
+
+# Latency model fidelity (held-out MAPE) and the closed loop at 50%/70% budgets on the cpu target (~15 min).
+bench-latency: $(STAMP)
+	$(BIN)/python bench/latency_model.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,10 +69,10 @@ class Allocation:
 class _Grid:
     """Allowed channel counts per group and the plan as one grid index per group."""
 
-    def __init__(self, channels: np.ndarray, prunable: np.ndarray, lows: np.ndarray, alignment: int):
+    def __init__(self, channels: np.ndarray, prunable: np.ndarray, lows: np.ndarray, alignment: np.ndarray):
         self.channels = channels
         self.values: list[np.ndarray] = []
-        for c, p, lo in zip(channels.tolist(), prunable.tolist(), lows.tolist()):
+        for c, p, lo, alignment in zip(channels.tolist(), prunable.tolist(), lows.tolist(), alignment.tolist()):
             if not p:
                 vals = np.array([c], dtype=np.int64)
             else:
@@ -411,8 +411,9 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
         raise BadInput("solve_allocation: importance scores must be finite and >= 0")
     if not (isinstance(budget, (int, float, np.integer, np.floating)) and math.isfinite(budget) and budget > 0):
         raise BadInput(f"solve_allocation: the budget must be a positive number, got {budget!r}")
-    if int(alignment) != alignment or alignment < 1:
-        raise BadInput(f"solve_allocation: alignment must be a positive integer, got {alignment!r}")
+    steps = np.broadcast_to(np.asarray(alignment), (size,)) if np.ndim(alignment) == 0 else np.asarray(alignment)
+    if steps.shape != (size,) or np.any(np.mod(steps, 1) != 0) or np.any(steps < 1):
+        raise BadInput(f"solve_allocation: alignment must be a positive integer or one per group, got {alignment!r}")
     if not (0.0 <= min_keep_ratio <= 1.0):
         raise BadInput(f"solve_allocation: min_keep_ratio must be in [0, 1], got {min_keep_ratio}")
     mk = np.ones(size, dtype=np.int64) if min_keep is None else np.asarray(min_keep, dtype=np.int64)
@@ -424,8 +425,13 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
     return ch, imp, np.asarray(prunable, dtype=bool), lows
 
 
+def _steps(alignment: Any, size: int) -> np.ndarray:
+    """One channel step per group, from a single alignment or a per-group list."""
+    return np.broadcast_to(np.asarray(alignment, dtype=np.int64), (size,)).copy()
+
+
 def solve_allocation(names: list[str], channels: list[int], importance: list[float] | np.ndarray,
-                     prunable: list[bool], cost_fn: CostFn, budget: float, *, alignment: int = 1,
+                     prunable: list[bool], cost_fn: CostFn, budget: float, *, alignment: int | Sequence[int] = 1,
                      min_keep: list[int] | None = None, min_keep_ratio: float = 0.05,
                      cost_grad: Callable[[np.ndarray], np.ndarray] | None = None,
                      utility: str = "linear") -> Allocation:
@@ -438,8 +444,8 @@ def solve_allocation(names: list[str], channels: list[int], importance: list[flo
 
     ``cost_fn``/``cost_grad`` take channel counts (float arrays, one entry per group);
     ``cost_grad`` (optional, e.g. a + (Q + Qᵀ) k for a quadratic cost) spares SLSQP the
-    finite differences. Each prunable group keeps a multiple of ``alignment`` (or its full
-    width) and at least max(1, min_keep[g], ceil(min_keep_ratio * C_g)); non-prunable
+    finite differences. Each prunable group keeps a multiple of ``alignment`` (one step for
+    all groups, or one per group: the latency table's measured staircase) or its full width, and at least max(1, min_keep[g], ceil(min_keep_ratio * C_g)); non-prunable
     groups stay full. When even the smallest plan exceeds the budget the result has
     ``success=False`` and that smallest plan; the caller decides what to do.
     """
@@ -455,7 +461,7 @@ def _solve(names, channels, importance, prunable, cost_fn, budget, *, alignment,
     start = time.perf_counter()
     ch, imp, prun, lows = _validate(names, channels, importance, prunable, budget, alignment,
                                     min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, int(alignment))
+    grid = _Grid(ch, prun, lows, _steps(alignment, len(ch)))
     movable = grid.last > 0
     peak = float(imp[prun].max()) if prun.any() else 0.0
     weights = np.where(prun, imp / peak if peak > 0 else 1.0, 0.0)
@@ -523,7 +529,7 @@ def uniform_allocation(names: list[str], channels: list[int], prunable: list[boo
     imp_in = np.ones(len(names)) if importance is None else importance
     ch, imp, prun, lows = _validate(names, channels, imp_in, prunable, budget, alignment,
                                     min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, int(alignment))
+    grid = _Grid(ch, prun, lows, _steps(alignment, len(ch)))
     movable = grid.last > 0
     prob = _Problem(grid, np.where(prun, 1.0, 0.0), cost_fn, float(budget))
     pos, r = _uniform_grid_plan(prob, movable)

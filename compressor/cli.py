@@ -87,6 +87,13 @@ def _stdout() -> Console:
 @click.option("--warmup", type=int, help="warm-up runs per measurement (default: the profile's)")
 @click.option("--iterations", type=int, help="timed runs per measurement (default: the profile's)")
 @click.option("--min-keep-ratio", type=float, help="smallest fraction of a group's channels to keep (default 0.1)")
+@click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path),
+              help="use this latency table (latency_table.json of an earlier run on the device) instead of building "
+                   "one; on a host without the device, latencies are then predicted and labelled so")
+@click.option("--latency-variants", type=int,
+              help="width variants profiled to build the latency table, besides the full and smallest (default 18)")
+@click.option("--lock-clocks", is_flag=True, default=None,
+              help="Jetson only: run jetson_clocks (needs root) before measuring; clocks are never changed otherwise")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("compress.yaml"), show_default=True, help="defaults file")
 @click.option("--force", is_flag=True, default=None, help="start over in an existing run folder")
@@ -230,9 +237,11 @@ Example:
 @click.option("--min-accuracy", type=float, help="compressed accuracy must be >= this (0..1)")
 @click.option("--max-accuracy-drop", type=float, help="baseline - compressed accuracy must be <= this (0..1)")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="write JUnit XML here")
+@click.option("--allow-predicted", is_flag=True,
+              help="pass a report whose latencies were predicted from --latency-table (default: such a report fails)")
 @click.option("--json", "as_json", is_flag=True)
 def gate(report_file: Path, max_latency_ms: float | None, min_accuracy: float | None,
-         max_accuracy_drop: float | None, junit: Path | None, as_json: bool) -> None:
+         max_accuracy_drop: float | None, junit: Path | None, allow_predicted: bool, as_json: bool) -> None:
     from deploy.gate import evaluate_gate, load_report, write_junit
 
     for name, value in (("--min-accuracy", min_accuracy), ("--max-accuracy-drop", max_accuracy_drop)):
@@ -243,7 +252,7 @@ def gate(report_file: Path, max_latency_ms: float | None, min_accuracy: float | 
     report = load_report(report_file)
     try:
         result = evaluate_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
-                               max_accuracy_drop=max_accuracy_drop)
+                               max_accuracy_drop=max_accuracy_drop, allow_predicted=allow_predicted)
     except BadInput as exc:  # name the file: "report has no 'met'" alone does not say which report
         raise BadInput(f"{report_file}: not a compress report: {exc}") from None
     if junit:

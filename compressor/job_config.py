@@ -81,6 +81,9 @@ class JobConfig:
     warmup: int | None = None
     iterations: int | None = None
     min_keep_ratio: float = 0.1
+    latency_table: Path | None = None  # a table measured earlier (on the device) instead of building one
+    latency_variants: int = 18  # random width variants the table is built from (plus full and smallest)
+    lock_clocks: bool = False  # Jetson only: run jetson_clocks before measuring
     force: bool = False
     resume: bool = False
     source: dict = field(default_factory=dict, compare=False)
@@ -90,8 +93,9 @@ class JobConfig:
         keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
                 "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight", "ranking",
                 "shapley_samples", "shapley_permutations", "shapley_evaluations", "utility",
-                "batch_size", "min_keep_ratio")
+                "batch_size", "min_keep_ratio", "latency_variants")
         fp = {k: _jsonable(getattr(self, k)) for k in keys}
+        fp["latency_table"] = str(self.latency_table) if self.latency_table else None
         fp["weights"] = str(self.weights) if self.weights else None
         fp["budget"] = dataclasses.asdict(self.budget)
         return fp
@@ -109,7 +113,7 @@ def _jsonable(value: Any) -> Any:
 _YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
               "calib_size", "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight",
               "ranking", "shapley_samples", "shapley_permutations", "shapley_evaluations",
-              "utility", "max_iterations", "batch_size", "warmup",
+              "utility", "max_iterations", "batch_size", "warmup", "latency_table", "latency_variants", "lock_clocks",
               "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
 
 
@@ -278,6 +282,9 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
         warmup=positive_int("warmup", 0),
         iterations=positive_int("iterations", 5),
         min_keep_ratio=min_keep_ratio,
+        latency_table=Path(merged["latency_table"]) if merged.get("latency_table") else None,
+        latency_variants=positive_int("latency_variants", 3) or 18,
+        lock_clocks=bool(merged.get("lock_clocks", False)),
         force=bool(merged.get("force", False)),
         resume=bool(merged.get("resume", False)),
         source={"config_file": str(config_path) if file_values else None},

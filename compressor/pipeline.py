@@ -29,7 +29,11 @@ from compressor.data import DataSplits, load_data
 from compressor.groups import PrunableGroup, discover_groups
 from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
-from compressor.latency_estimate import LatencyFromMacs
+from compressor.errors import BadInput
+from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cache_dir,
+                                          check_table_matches, key_digest, load_table_file, save_table, table_key)
+from compressor.latency_table import CorrectedLatency, LatencyModel, LatencyTable
+from compressor.target_export import export_for_target
 from compressor.model_loading import build_model, check_input_shape, load_weights
 from compressor.pruning import apply_plan, save_pruned
 from compressor.report import build_report, write_report
@@ -37,8 +41,10 @@ from compressor.run_directory import RunDirectory
 from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
 from deploy.backends import backend_for_profile
 from deploy.backends.base import Backend, Measurement
+from deploy.errors import DeviceUnavailable
 from deploy.onnx_export import check_parity, export_onnx
 from deploy.profiles import TargetProfile, load_profile
+from deploy.sidecar import deployment_sidecar, write_sidecar
 from deploy.target_check import check_target_available
 
 log = logging.getLogger("compressor")
@@ -59,15 +65,23 @@ class JobContext:
 
     config: JobConfig
     profile: TargetProfile
-    backend: Backend
+    backend: Backend | None  # None: the device is not here and latencies come from --latency-table
     data: DataSplits
     model: torch.nn.Module
     input_shape: tuple[int, int, int]  # C, H, W
     batch_size: int
     run: RunDirectory
     console: StageConsole
+    given_table: LatencyModel | None = None  # from --latency-table
+    clocks: dict | None = None  # what --lock-clocks did
     timings: dict[str, float] = field(default_factory=lambda: {
-        "importance": 0.0, "ranking": 0.0, "solve": 0.0, "finetune": 0.0, "measure": 0.0, "total": 0.0})
+        "importance": 0.0, "ranking": 0.0, "latency_table": 0.0, "solve": 0.0, "finetune": 0.0, "measure": 0.0,
+        "total": 0.0})
+
+    @property
+    def predicted_only(self) -> bool:
+        """No device here: every latency is predicted from the given table (and labelled so)."""
+        return self.backend is None
 
     @property
     def example_input(self) -> torch.Tensor:
@@ -85,8 +99,24 @@ class JobContext:
 def prepare_job(config: JobConfig, console: StageConsole) -> JobContext:
     """Everything that can fail on bad input fails here, before any long work starts."""
     profile = load_profile(config.target)
-    check_target_available(profile)
-    backend = backend_for_profile(profile)
+    given_table = load_table_file(config.latency_table) if config.latency_table else None
+    backend: Backend | None = None
+    try:
+        check_target_available(profile)
+        backend = backend_for_profile(profile)
+    except DeviceUnavailable:
+        if given_table is None:
+            raise  # no device and no table measured on it: nothing honest to optimise against
+        if config.lock_clocks:
+            raise BadInput("--lock-clocks needs the device; this host only predicts from --latency-table") from None
+    if given_table is not None and given_table.key.get("target") not in (None, profile.name):
+        raise BadInput(f"--latency-table was measured for target {given_table.key.get('target')!r}, "
+                       f"not {profile.name!r}")
+    clocks = None
+    if config.lock_clocks:
+        from deploy.clocks import lock_jetson_clocks
+
+        clocks = lock_jetson_clocks().to_dict()
     run = RunDirectory(config.out, fingerprint=config.fingerprint(), force=config.force, resume=config.resume)
     data = load_data(config.data, input_size=config.input_size, seed=config.seed, calib_size=config.calib_size)
     model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
@@ -98,7 +128,7 @@ def prepare_job(config: JobConfig, console: StageConsole) -> JobContext:
     run.prepare()  # only now: a job that fails validation leaves --out untouched
     return JobContext(config=config, profile=profile, backend=backend, data=data, model=model,
                       input_shape=input_shape, batch_size=config.batch_size or profile.batch_size,
-                      run=run, console=console)
+                      run=run, console=console, given_table=given_table, clocks=clocks)
 
 
 def finish(ctx: JobContext, report: dict) -> dict:
@@ -109,11 +139,15 @@ def finish(ctx: JobContext, report: dict) -> dict:
 
 def measure_onnx(ctx: JobContext, onnx_path: Path, label: str) -> Measurement:
     """Measure one ONNX file on the target, with telemetry alongside."""
+    assert ctx.backend is not None, "measure_onnx needs the device"
     started = time.perf_counter()
     shape = (ctx.batch_size, *ctx.input_shape)
     measurement = ctx.backend.measure(onnx_path, shape, warmup=ctx.warmup, iterations=ctx.iterations,
                                       max_cv=ctx.profile.max_cv, telemetry=ctx.profile.telemetry,
                                       expected_power_mode=ctx.profile.power_mode)
+    if measurement.throttled:
+        ctx.console.warn(f"{label}: the device stayed throttled while measuring, even after a re-take "
+                         f"({', '.join(measurement.telemetry.get('reasons', []))})")
     if measurement.latency.noisy:
         ctx.console.warn(f"{label}: latency CV {measurement.latency.cv:.1%} stayed above "
                          f"{ctx.profile.max_cv:.0%} after re-measuring; the machine is noisy")
@@ -124,7 +158,7 @@ def measure_onnx(ctx: JobContext, onnx_path: Path, label: str) -> Measurement:
 
 
 def export_and_measure(ctx: JobContext, model: torch.nn.Module, path: Path, label: str) -> Measurement:
-    export_onnx(model, ctx.example_input, path)
+    export_for_target(ctx.backend, model, ctx.example_input, path)
     return measure_onnx(ctx, path, label)
 
 
@@ -138,10 +172,11 @@ class SearchResult:
     solver: dict | None = None  # how the last allocation was found (solver, budget use, status)
 
 
-def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int) -> list[int]:
+def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int | list[int]) -> list[int]:
     """The smallest width each group may have: a ratio of its channels, aligned, never 0."""
+    steps = alignment if isinstance(alignment, list) else [alignment] * len(groups)
     counts = []
-    for g in groups:
+    for g, alignment in zip(groups, steps):
         if not g.prunable:
             counts.append(g.channels)
             continue
@@ -239,87 +274,164 @@ def solver_summary(allocation: Allocation) -> dict:
             "seconds": round(allocation.seconds, 4), "message": allocation.message}
 
 
-def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_grad=None) -> Allocation:
+def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_grad=None,
+           alignment: int | list[int] | None = None) -> Allocation:
     started = time.perf_counter()
     allocation = solve_allocation(
         names=[g.name for g in groups], channels=[g.channels for g in groups],
         importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
-        cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment, min_keep=min_keep,
+        cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment if alignment is None else alignment,
+        min_keep=min_keep,
         min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility, cost_grad=cost_grad)
     ctx.timings["solve"] += time.perf_counter() - started
     return allocation
 
 
-def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, ranking: ChannelRanking, budget_ms: float,
-                   baseline_ms: float, workdir: Path) -> SearchResult:
-    """The closed loop for a latency budget: solve, prune, export, measure, correct."""
-    full = cost_model.full_keep
-    estimate = LatencyFromMacs()
-    estimate.add(cost_model.macs(full), baseline_ms)
-    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
-    min_keep_map = dict(zip(cost_model.group_names, min_keep))
+def table_request(ctx: JobContext) -> TableRequest:
+    backend_settings = dict(ctx.profile.backend_options)
+    if ctx.backend is not None and hasattr(ctx.backend, "session_settings"):
+        backend_settings.update(ctx.backend.session_settings())
+    return TableRequest(target=ctx.profile.name, precision=ctx.profile.precision, batch_size=ctx.batch_size,
+                        input_shape=ctx.input_shape, backend_settings=backend_settings,
+                        variants=ctx.config.latency_variants, warmup=ctx.warmup, runs=100,
+                        iterations=ctx.iterations, seed=ctx.config.seed)
 
-    # The smallest model this job can build: measuring it bounds what any budget can reach.
-    smallest = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(min_keep_map, refine=False))
-    smallest_ms = export_and_measure(ctx, smallest, workdir / "smallest.onnx", "smallest plan").latency.median_ms
-    estimate.add(cost_model.macs(np.array(min_keep)), smallest_ms)
-    loop = [{"iteration": 0, "predicted_latency_ms": None, "measured_latency_ms": smallest_ms,
-             "macs": cost_model.macs(np.array(min_keep)), "note": "smallest plan (every group at its minimum)"}]
+
+def obtain_latency_model(ctx: JobContext, groups: list[PrunableGroup], cost_model: CostModel,
+                         workdir: Path) -> tuple[LatencyModel, dict]:
+    """The latency model for this job: --latency-table, this run's own (on resume), the disk cache,
+    or a fresh build on the target. Saved as latency_table.json in the run folder either way."""
+    started = time.perf_counter()
+    out = ctx.run.path / "latency_table.json"
+    request = table_request(ctx)
+    partial_key = {"model": architecture_hash(ctx.model), "precision": ctx.profile.precision,
+                   "batch_size": ctx.batch_size, "input_shape": list(ctx.input_shape)}
+    info: dict = {"file": out.name}
+    if ctx.given_table is not None:
+        check_table_matches(ctx.given_table, partial_key, source=f"--latency-table {ctx.config.latency_table}")
+        model, info["source"] = ctx.given_table, f"given: {ctx.config.latency_table}"
+    elif ctx.run.resumed and out.exists():
+        model, info["source"] = load_table_file(out), "this run (resumed)"
+    else:
+        key = table_key(ctx.model, ctx.backend, request)
+        cached_path = cache_dir() / f"{key_digest(key)}.json"
+        model = None
+        if cached_path.exists():
+            try:
+                model = load_table_file(cached_path)
+                info["source"] = f"cache: {cached_path}"
+            except BadInput as exc:  # a damaged cache entry is rebuilt, never trusted
+                ctx.console.warn(f"ignoring the cached latency table {cached_path}: {exc}")
+                model = None
+        if model is None:
+            alignment = [ctx.profile.channel_alignment] * len(groups)
+            min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
+            n = request.variants + 2
+            with ctx.console.stage(f"latency table on the target ({n} width variants)", total=n) as advance:
+                model, _ = build_latency_model(ctx.model, ctx.example_input, groups, cost_model, ctx.backend, request,
+                                               workdir / "latency-variants", min_keep=min_keep, alignment=alignment,
+                                               progress=lambda what: advance(1, what))
+            info["source"] = "built on the target in this run"
+            try:
+                save_table(model, cached_path)
+                info["cached_as"] = str(cached_path)
+            except OSError as exc:
+                ctx.console.warn(f"could not cache the latency table in {cached_path.parent}: {exc}")
+    save_table(model, out)
+    ctx.timings["latency_table"] += time.perf_counter() - started
+    info.update({"kind": model.kind, "provenance": model.provenance, "fit": {k: v for k, v in model.fit.items()
+                                                                              if k != "measured"},
+                 "group_steps": model.group_steps()})
+    return model, info
+
+
+def predicted_label(model: LatencyModel) -> str:
+    p = model.provenance
+    return f"predicted from a table measured on {p.get('device', 'an unknown device')} at {p.get('measured_at', '?')}"
+
+
+def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, ranking: ChannelRanking, budget_ms: float,
+                   baseline_ms: float, workdir: Path, latency_model: LatencyModel) -> SearchResult:
+    """The closed loop for a latency budget: solve on the latency model, prune, build, measure, correct.
+
+    Each iteration solves against the model corrected by the last measurement (CorrectedLatency),
+    so a miss moves the next plan by the measured error. Predicted-only jobs (no device here) stop
+    after the first solve: there is nothing to measure.
+    """
+    alignment = latency_model.alignment_for_solver(ctx.profile.channel_alignment)
+    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, alignment)
+    min_keep_map = dict(zip(cost_model.group_names, min_keep))
+    corrected = CorrectedLatency(latency_model)
+    min_vec = np.array(min_keep)
+
+    # The smallest model this job can build bounds what any budget can reach. The table measured
+    # it already when it was built here with the same grid; otherwise it is measured (or predicted).
+    known = {tuple(m["keep"]): m["measured_ms"] for m in latency_model.fit.get("measured", [])}
+    if ctx.predicted_only:
+        smallest_ms, how = latency_model.predict(min_vec), "predicted"
+    elif tuple(int(k) for k in min_vec) in known and latency_model.provenance.get("device") == ctx.backend.device_name():
+        smallest_ms, how = known[tuple(int(k) for k in min_vec)], "measured while building the latency table"
+    else:
+        smallest = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(min_keep_map, refine=False))
+        smallest_ms = export_and_measure(ctx, smallest, workdir / "smallest.onnx", "smallest plan").latency.median_ms
+        how = "measured"
+    loop = [{"iteration": 0, "predicted_latency_ms": latency_model.predict(min_vec),
+             "measured_latency_ms": None if ctx.predicted_only else smallest_ms,
+             "macs": cost_model.macs(min_vec), "note": f"smallest plan (every group at its minimum), {how}"}]
     if smallest_ms > budget_ms:
         return SearchResult(min_keep_map, loop, False, smallest_ms,
                             f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
-                            f"(measured {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
+                            f"({how} {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
-    # (measured ms, keep, summary of the solve that produced it; None for the smallest plan)
+    # (latency ms, keep, summary of the solve that produced it; None for the smallest plan)
     tried: list[tuple[float, dict[str, int], dict | None]] = [(smallest_ms, min_keep_map, None)]
 
     def in_band(ms: float) -> bool:
         return ACCEPT_LOW * budget_ms <= ms <= ACCEPT_HIGH * budget_ms
 
-    # What the solver aims at, in predicted ms. Latency is not a function of MACs alone (a plan
-    # that keeps high-resolution layers wide is slower per MAC), so the model's error depends
-    # on the plan; the loop also corrects the *target*: a multiplicative step by the
-    # measured miss until one plan landed above the band and one below, then bisection
-    # (geometric) between their targets. Each measurement is also added to the model.
     target_ms = AIM * budget_ms
-    target_over, target_under = math.inf, 0.0  # targets whose plans measured above / below the band
     for iteration in range(1, ctx.config.max_iterations + 1):
-        if any(in_band(t[0]) for t in tried):
+        if any(in_band(t[0]) for t in tried[1:]):
             break
-        allocation = _solve(ctx, groups, importance, lambda k: estimate.predict(cost_model.macs(k)),
-                            target_ms, min_keep)
+        allocation = _solve(ctx, groups, importance, corrected.predict, target_ms, min_keep, alignment=alignment)
+        if any(allocation.keep == t[1] for t in tried[1:]):
+            # The corrected model sends us back to a plan already measured: aim by that plan's miss instead.
+            previous = next(t for t in tried[1:] if t[1] == allocation.keep)
+            target_ms *= AIM * budget_ms / previous[0]
+            allocation = _solve(ctx, groups, importance, corrected.predict, target_ms, min_keep, alignment=alignment)
         keep_vec = np.array([allocation.keep[n] for n in cost_model.group_names])
         macs = cost_model.macs(keep_vec)
-        predicted = estimate.predict(macs)
+        predicted, raw = corrected.predict(keep_vec), latency_model.predict(keep_vec)
+        entry = {"iteration": iteration, "predicted_latency_ms": predicted, "raw_predicted_latency_ms": raw,
+                 "correction_factor": corrected.factor, "measured_latency_ms": None, "macs": macs,
+                 "solver": allocation.solver}
+        if ctx.predicted_only:
+            entry["note"] = predicted_label(latency_model)
+            tried.append((predicted, allocation.keep, solver_summary(allocation)))
+            loop.append(entry)
+            break
         pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(allocation.keep, refine=False))
         measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
                                       f"iteration {iteration}").latency.median_ms
-        estimate.add(macs, measured)  # the model learns where the solver is working
-        if measured > ACCEPT_HIGH * budget_ms:
-            target_over = min(target_over, target_ms)
-        elif measured < ACCEPT_LOW * budget_ms:
-            target_under = max(target_under, target_ms)
-        if target_under > 0 and math.isfinite(target_over):
-            target_ms = math.sqrt(target_under * target_over)
-        else:
-            target_ms *= AIM * budget_ms / measured
+        corrected.correct(keep_vec, measured)  # the next solve sees the model moved by this miss
+        entry.update({"measured_latency_ms": measured, "error_pct": 100.0 * (predicted - measured) / measured,
+                      "in_band": in_band(measured)})
         tried.append((measured, allocation.keep, solver_summary(allocation)))
-        loop.append({"iteration": iteration, "predicted_latency_ms": predicted, "measured_latency_ms": measured,
-                     "macs": macs, "solver": allocation.solver})
+        loop.append(entry)
         ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
                          f"(budget {budget_ms:.4g} ms)")
 
-    # The widest plan inside the guard band; failing that, the widest measured within the budget.
+    # The widest plan inside the guard band; failing that, the widest within the budget.
     guarded = [t for t in tried if t[0] <= ACCEPT_HIGH * budget_ms]
     fitting = guarded or [t for t in tried if t[0] <= budget_ms]
-    measured, keep, solve = max(fitting, key=lambda t: t[0])
-    message = "" if guarded else (f"the chosen plan measured {measured:.4g} ms, inside the budget but within "
+    latency, keep, solve = max(fitting, key=lambda t: t[0])
+    word = "predicted" if ctx.predicted_only else "measured"
+    message = "" if guarded else (f"the chosen plan {word} {latency:.4g} ms, inside the budget but within "
                                   f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
-    if measured < ACCEPT_LOW * budget_ms:
-        message = (f"no plan measured within [{ACCEPT_LOW:.0%}, {ACCEPT_HIGH:.0%}] of the budget in "
+    if latency < ACCEPT_LOW * budget_ms:
+        message = (f"no plan {word} within [{ACCEPT_LOW:.0%}, {ACCEPT_HIGH:.0%}] of the budget in "
                    f"{ctx.config.max_iterations} iterations; the widest plan that fits uses "
-                   f"{measured / budget_ms:.0%} of it (latency here does not follow MACs smoothly; "
-                   f"more --max-iterations may get closer)")
+                   f"{latency / budget_ms:.0%} of it (more --max-iterations may get closer)")
     return SearchResult(keep, loop, True, smallest_ms, message, solve)
 
 
@@ -338,9 +450,41 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
     return SearchResult(allocation.keep, [], feasible, None, message, solver_summary(allocation))
 
 
+SIDECAR = "model.sidecar.json"
+
+
+def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path) -> tuple[str | None, Measurement | None]:
+    """Build the engine where the backend builds one, and measure what will be deployed.
+
+    Returns (engine file name relative to the run folder or None, measurement or None when
+    this host only predicts)."""
+    if ctx.backend is None:
+        return None, None
+    engine: str | None = None
+    shape = (ctx.batch_size, *ctx.input_shape)
+    if ctx.backend.engine_suffix:
+        with ctx.console.stage(f"building the {ctx.backend.name} engine"):
+            path = ctx.backend.build_engine(onnx_path, onnx_path.with_suffix(ctx.backend.engine_suffix), shape)
+        engine = path.name if path else None
+    elif getattr(ctx.backend, "needs_torch_program", False):
+        engine = onnx_path.with_suffix(".pt2").name  # written next to the ONNX by export_for_target
+    with ctx.console.stage("measuring the compressed model on the target"):
+        measured = measure_onnx(ctx, onnx_path.with_suffix(ctx.backend.engine_suffix) if engine and
+                                ctx.backend.engine_suffix else onnx_path, "compressed")
+    return engine, measured
+
+
 def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
-    """Accuracy of the exported file itself on the validation split (what gets deployed)."""
-    logits = ctx.backend.create_runner(onnx_path).run_batches(ctx.data.val_x.numpy(), 256)
+    """Accuracy of the exported file itself on the validation split (what gets deployed).
+
+    Run by the target's backend where its runner evaluates whole splits, else by ONNX Runtime on
+    the CPU (predicted-only jobs, backends without batched evaluation)."""
+    runner = ctx.backend.create_runner(onnx_path) if ctx.backend is not None else None
+    if runner is None or not hasattr(runner, "run_batches"):
+        from deploy.backends.onnxruntime_cpu import OnnxRuntimeCPU
+
+        runner = OnnxRuntimeCPU().create_runner(onnx_path)
+    logits = runner.run_batches(ctx.data.val_x.numpy(), 256)
     return float((np.argmax(logits, axis=1) == ctx.data.val_y.numpy()).mean())
 
 
@@ -372,7 +516,9 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     workdir = out / "work"
     workdir.mkdir(exist_ok=True)
     console.info(f"[bold]compress[/bold] {config.model} on {data.describe()}")
-    console.info(f"target {ctx.profile.name}: {ctx.backend.name} on {ctx.backend.device_name()}, "
+    where = (f"{ctx.backend.name} on {ctx.backend.device_name()}" if ctx.backend is not None
+             else f"{ctx.profile.backend}, not on this host (latencies predicted from --latency-table)")
+    console.info(f"target {ctx.profile.name}: {where}, "
                  f"{ctx.profile.precision}, batch {ctx.batch_size}; budget: {config.budget.describe()}")
     if ctx.run.resumed:
         finished = ctx.run.load_stage("report")
@@ -387,10 +533,22 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     cost_model = CostModel.build(model, ctx.example_input, groups)
     full = cost_model.full_keep
     base_macs, base_params = cost_model.macs(full), cost_model.params(full)
-    with console.stage("measuring the baseline on the target"):
-        baseline_measurement = export_and_measure(ctx, model, workdir / "baseline.onnx", "baseline")
-    baseline_ms = baseline_measurement.latency.median_ms
-    baseline = model_summary(baseline_measurement, base_macs, base_params, baseline_accuracy)
+    latency_model: LatencyModel | None = None
+    latency_info: dict | None = None
+    if ctx.predicted_only:  # no device: the given table stands in for every latency, labelled
+        latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
+        baseline_measurement = None
+        baseline_ms = latency_model.predict(full)
+        console.warn(f"{ctx.profile.name} is not on this host: latencies are {predicted_label(latency_model)}; "
+                     f"measure model.onnx on the device before deploying")
+        baseline = model_summary(None, base_macs, base_params, baseline_accuracy,
+                                 latency_ms={"median": baseline_ms, "predicted": True,
+                                             "label": predicted_label(latency_model)})
+    else:
+        with console.stage("measuring the baseline on the target"):
+            baseline_measurement = export_and_measure(ctx, model, workdir / "baseline.onnx", "baseline")
+        baseline_ms = baseline_measurement.latency.median_ms
+        baseline = model_summary(baseline_measurement, base_macs, base_params, baseline_accuracy)
     console.info(f"baseline: {baseline_ms:.4g} ms median, {base_macs / 1e6:.4g}M MACs, "
                  f"{base_params / 1e6:.4g}M params, accuracy {baseline_accuracy:.2%}")
 
@@ -433,15 +591,19 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                 ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
             ctx.timings["importance"] += time.perf_counter() - t
         cached = ctx.run.load_stage("search")
+        if cached and budget_kind == "latency_ms" and latency_model is None:
+            latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
         if cached:
             search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
                                   cached["smallest_latency_ms"], cached["message"], cached.get("solver"))
         else:
             ranking.prepare()  # with its own progress: the loop's trial plans run inside the search stage
             if budget_kind == "latency_ms":
-                with console.stage("searching for a plan that fits the measured budget"):
+                if latency_model is None:
+                    latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
+                with console.stage("searching for a plan that fits the budget on the target"):
                     search = search_latency(ctx, groups, cost_model, importance_scores, ranking, budget_value,
-                                            baseline_ms, workdir)
+                                            baseline_ms, workdir, latency_model)
             else:
                 search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
         ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,
@@ -463,7 +625,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                               importance_details=importance_details, allocation=search.solver, ranking=ranking.summary(),
                               cost_model=cost_model, artifacts={"onnx": None, "weights": None, "engine": None},
                               notes=notes, started=started, baseline_measurement=baseline_measurement,
-                              final_measurement=None)
+                              final_measurement=None, latency_model=latency_info)
         return finish(ctx, report)
 
     # Physical pruning, BN recalibration, fine-tuning with distillation from the original.
@@ -489,34 +651,57 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
 
     # Export the deliverable, check it against torch, measure it, score it as deployed.
     onnx_path = out / "model.onnx"
-    export_onnx(pruned, ctx.example_input, onnx_path)
+    export_for_target(ctx.backend, pruned, ctx.example_input, onnx_path)
     parity = check_parity(pruned, onnx_path, data.val_x[:64], atol=PARITY_ATOL, rtol=PARITY_RTOL)
     if not parity.passed:
         raise RuntimeError(f"ONNX parity check failed: max abs diff {parity.max_abs_diff:.3g} "
                            f"(atol {PARITY_ATOL}, rtol {PARITY_RTOL})")
-    with console.stage("measuring the compressed model on the target"):
-        final_measurement = measure_onnx(ctx, onnx_path, "compressed")
+    engine, final_measurement = build_and_measure_deliverable(ctx, onnx_path)
     accuracy = onnx_accuracy(ctx, onnx_path)
     weights = save_pruned(pruned, plan, out, model_spec=config.model, num_classes=data.num_classes,
                           in_channels=data.in_channels, input_shape=list(ctx.input_shape))
-    final_cost = {"latency_ms": final_measurement.latency.median_ms, "flops": cost_model.macs(keep_vec),
+    if final_measurement is not None:
+        final_ms = final_measurement.latency.median_ms
+        final_latency = None
+    else:  # predicted only: labelled, and the gate refuses it unless told otherwise
+        final_ms = latency_model.predict(keep_vec) if latency_model is not None else None
+        final_latency = {"median": final_ms, "predicted": True,
+                         "label": predicted_label(latency_model) if latency_model is not None else None}
+    final_cost = {"latency_ms": final_ms, "flops": cost_model.macs(keep_vec),
                   "params": cost_model.params(keep_vec)}[budget_kind]
-    met = final_cost <= budget_value * (1 + 1e-9)
+    met = final_cost is not None and final_cost <= budget_value * (1 + 1e-9)
     if budget_kind == "latency_ms" and search.loop:
-        search.loop.append({"iteration": "final", "predicted_latency_ms": None,
-                            "measured_latency_ms": final_measurement.latency.median_ms,
+        search.loop.append({"iteration": "final", "predicted_latency_ms": None if final_measurement else final_ms,
+                            "measured_latency_ms": final_ms if final_measurement else None,
                             "macs": cost_model.macs(keep_vec), "note": "the delivered model.onnx, fine-tuned"})
+    word = "predicted" if final_measurement is None and budget_kind == "latency_ms" else "measured"
     if not met:
-        notes.append(f"budget not met: measured {final_cost:.4g} > {budget_value:.4g} {budget_kind}")
+        notes.append(f"budget not met: {word} {final_cost:.4g} > {budget_value:.4g} {budget_kind}")
+    if ctx.predicted_only:
+        notes.append(f"latencies are {predicted_label(latency_model) if latency_model else 'not measured'}; "
+                     f"nothing was measured on {ctx.profile.name}. Measure before deploying: "
+                     f"compress measure model.onnx --target {ctx.profile.name}")
     compressed = model_summary(final_measurement, cost_model.macs(keep_vec), cost_model.params(keep_vec), accuracy,
                                accuracy_torch=torch_accuracy,
                                parity={"max_abs_diff": parity.max_abs_diff, "atol": PARITY_ATOL,
                                        "rtol": PARITY_RTOL, "passed": parity.passed, "samples": parity.n_samples})
+    if final_latency is not None:
+        compressed["latency_ms"] = final_latency
     artifacts = {"onnx": "model.onnx", "weights": Path(weights["weights"]).name,
-                 "plan": Path(weights["plan"]).name, "engine": None, "log": "compress.log"}
+                 "plan": Path(weights["plan"]).name, "engine": engine, "log": "compress.log"}
+    if latency_info is not None:
+        artifacts["latency_table"] = latency_info["file"]
+    if final_measurement is not None:
+        write_sidecar(out / SIDECAR, deployment_sidecar(
+            backend=ctx.backend, measurement=final_measurement, precision=ctx.profile.precision,
+            input_shape=(ctx.batch_size, *ctx.input_shape), onnx_path=onnx_path,
+            engine_path=out / engine if engine else None,
+            timing_cache_path=getattr(getattr(ctx.backend, "last_build", None), "timing_cache_path", None)))
+        artifacts["sidecar"] = SIDECAR
     report = build_report(ctx=ctx, budget=budget, met=met, baseline=baseline, compressed=compressed,
                           loop=search.loop, groups=groups, keep=search.keep, importance=importance_scores,
                           importance_details=importance_details, allocation=search.solver, ranking=ranking_summary,
-                              cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
-                          baseline_measurement=baseline_measurement, final_measurement=final_measurement)
+                          cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
+                          baseline_measurement=baseline_measurement, final_measurement=final_measurement,
+                          latency_model=latency_info)
     return finish(ctx, report)

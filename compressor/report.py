@@ -29,22 +29,32 @@ SCHEMA_VERSION = 1
 def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, compressed: dict, loop: list[dict],
                  groups: "list[PrunableGroup]", keep: dict[str, int], importance: dict[str, float],
                  importance_details: dict, allocation: dict | None, ranking: dict, cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
-                 baseline_measurement: "Measurement", final_measurement: "Measurement | None") -> dict:
+                 baseline_measurement: "Measurement | None", final_measurement: "Measurement | None",
+                 latency_model: dict | None = None) -> dict:
     keep_vec = np.array([keep[n] for n in cost_model.group_names])
     shares = cost_model.per_group_share(keep_vec, "macs")
     param_shares = cost_model.per_group_share(keep_vec, "params")
     components = importance_details.get("per_group", {})
     ctx.timings["total"] = time.perf_counter() - started
     environment = collect_environment(ctx.backend)
-    environment.update({"backend": ctx.backend.name, "backend_versions": ctx.backend.versions(),
-                        "device": ctx.backend.device_name(), "machine": platform.machine(),
-                        "measurement_settings": baseline_measurement.settings,
-                        "telemetry": {"baseline": baseline_measurement.telemetry,
-                                      "compressed": final_measurement.telemetry if final_measurement else None}})
+    measured_here = ctx.backend is not None
+    environment.update({"backend": ctx.profile.backend,
+                        "backend_versions": ctx.backend.versions() if measured_here else None,
+                        "device": ctx.backend.device_name() if measured_here else None, "machine": platform.machine(),
+                        "measurement_settings": baseline_measurement.settings if baseline_measurement else None,
+                        "telemetry": {"baseline": baseline_measurement.telemetry if baseline_measurement else None,
+                                      "compressed": final_measurement.telemetry if final_measurement else None},
+                        "clocks_locked": ctx.clocks})
     config = ctx.config
+    if measured_here:
+        latency_label = f"measured with {ctx.backend.name} on {ctx.backend.device_name()}"
+    else:
+        p = (latency_model or {}).get("provenance", {})
+        latency_label = (f"predicted from a table measured on {p.get('device', '?')} at {p.get('measured_at', '?')}; "
+                         f"not measured on this host")
     return {
         "schema_version": SCHEMA_VERSION,
-        "target": {"name": ctx.profile.name, "backend": ctx.backend.name, "precision": ctx.profile.precision,
+        "target": {"name": ctx.profile.name, "backend": ctx.profile.backend, "precision": ctx.profile.precision,
                    "batch_size": ctx.batch_size, "input_shape": list(ctx.input_shape),
                    "channel_alignment": ctx.profile.channel_alignment},
         "budget": budget,
@@ -52,6 +62,8 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
         "baseline": baseline,
         "compressed": compressed,
         "loop": loop,
+        "latency_source": "measured" if measured_here else "predicted",
+        "latency_model": latency_model,
         "groups": [{"name": g.name, "channels": g.channels, "kept": int(keep[g.name]), "prunable": g.prunable,
                     "importance": float(importance.get(g.name, 1.0)) if g.prunable else None,
                     "importance_components": components.get(g.name) if g.prunable else None,
@@ -69,7 +81,7 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
                 "ranking": config.ranking, "utility": config.utility, "finetune_epochs": config.finetune_epochs, "seed": config.seed,
                 "measurement": {"warmup": ctx.warmup, "iterations": ctx.iterations}},
         "notes": notes,
-        "labels": {"latency": f"measured with {ctx.backend.name} on {ctx.backend.device_name()}",
+        "labels": {"latency": latency_label,
                    "flops": "multiply-accumulates (MACs), exact count of the network",
                    "accuracy": "top-1 on the validation split; compressed accuracy from the exported ONNX "
                                "file run by ONNX Runtime, baseline from torch"},
@@ -147,11 +159,27 @@ def render_markdown(report: dict) -> str:
              "| metric | baseline | compressed | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     if report["loop"]:
-        lines += ["", "## Closed loop", "", "| iteration | predicted ms | measured ms | MACs |", "|---|---:|---:|---:|"]
+        def ms(value) -> str:
+            return "" if value is None else f"{value:.4g}"
+
+        lines += ["", "## Closed loop", "", "| iteration | predicted ms | measured ms | error | MACs |",
+                  "|---|---:|---:|---:|---:|"]
         for it in report["loop"]:
-            pred = it.get("predicted_latency_ms")
-            lines.append(f"| {it['iteration']} | {'' if pred is None else f'{pred:.4g}'} | "
-                         f"{it['measured_latency_ms']:.4g} | {_mega(it.get('macs'))} |")
+            error = it.get("error_pct")
+            lines.append(f"| {it['iteration']} | {ms(it.get('predicted_latency_ms'))} | "
+                         f"{ms(it.get('measured_latency_ms'))} | {'' if error is None else f'{error:+.1f}%'} | "
+                         f"{_mega(it.get('macs'))} |")
+    model = report.get("latency_model")
+    if model:
+        fit = model.get("fit", {})
+        steps = ", ".join(f"{g} {v['step']}" for g, v in model.get("group_steps", {}).items()) or "none found"
+        loo = fit.get("leave_one_out_mape_pct")
+        lines += ["", "## Latency model", "",
+                  f"- {model['kind']}, {model['source']}; measured on {model['provenance'].get('device')} "
+                  f"at {model['provenance'].get('measured_at')} from {model['provenance'].get('variants')} variants",
+                  f"- fit: in-sample MAPE {fit.get('in_sample_mape_pct', float('nan')):.1f}%"
+                  + (f", leave-one-out {loo:.1f}%" if loo is not None else ""),
+                  f"- channel steps seen (alignment staircase): {steps}"]
     allocation = report.get("allocation")
     if allocation:
         lines += ["", "## Allocation", "",

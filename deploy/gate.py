@@ -84,8 +84,13 @@ def evaluate_gate(
     max_latency_ms: float | None = None,
     min_accuracy: float | None = None,
     max_accuracy_drop: float | None = None,
+    allow_predicted: bool = False,
 ) -> GateResult:
-    """Check `report` (schema_version 1): budget met, and each threshold that was given."""
+    """Check `report` (schema_version 1): budget met, and each threshold that was given.
+
+    A report whose latencies were predicted from a latency table (no device where it ran) fails
+    the `latency_measured` check unless `allow_predicted`: a deployment gate must see a measurement.
+    """
     if not isinstance(report, dict):
         raise BadInput("report must be a JSON object")
     if report.get("schema_version") != 1:
@@ -111,6 +116,12 @@ def evaluate_gate(
             + ("met" if report["met"] else "not met"),
         )
     ]
+
+    if report.get("latency_source") == "predicted":
+        checks.append(GateCheck("latency_measured", allow_predicted, False, True,
+                                "latencies were predicted from a latency table, not measured on the target"
+                                + (" (allowed by --allow-predicted)" if allow_predicted else
+                                   "; measure model.onnx on the device, or pass --allow-predicted")))
 
     if max_latency_ms is not None:
         median = _median_latency(compressed)

@@ -48,6 +48,9 @@ class TargetProfile:
     datasheet: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     threads: int | None = None  # CPU backends: intra-op threads; None = all physical cores
+    # Backend-specific switches passed to its factory (e.g. torch-cuda: cuda_graph, channels_last;
+    # tensorrt: cuda_graph, workspace_mb). Each backend validates its own.
+    backend_options: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +77,7 @@ _DEFAULTS: dict[str, Any] = {
     "datasheet": {},
     "aliases": [],
     "threads": None,
+    "backend_options": {},
 }
 _REQUIRED = ("name", "device_match", "backend", "precision")
 _KNOWN = set(_REQUIRED) | set(_DEFAULTS)
@@ -205,6 +209,10 @@ def parse_profile(raw: Any, *, source: Path | None = None) -> TargetProfile:
         raise fail("power_mode", "applies only to device_match.kind jetson")
 
     datasheet = _parse_datasheet(data["datasheet"], fail)
+    backend_options = data["backend_options"]
+    if not isinstance(backend_options, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in backend_options.items()):
+        raise fail("backend_options", "must be a mapping of names to plain values (true/false, numbers, strings)")
 
     threads = data["threads"]
     if threads is not None:
@@ -236,6 +244,7 @@ def parse_profile(raw: Any, *, source: Path | None = None) -> TargetProfile:
         datasheet=datasheet,
         aliases=tuple(aliases),
         threads=threads,
+        backend_options=dict(backend_options),
         source=source,
     )
 

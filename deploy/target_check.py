@@ -121,9 +121,11 @@ def run_on_device_hint(profile: TargetProfile) -> str:
     """The command to run the same job on the target itself."""
     kind = profile.device_match["kind"]
     if kind == "jetson":
-        return f"docker run --runtime nvidia -v $PWD:/work -w /work edge-compressor:jetson compress --target {profile.name} ..."
+        # systempaths=unconfined: Docker hides /proc/device-tree, which names the Jetson model.
+        return (f"docker run --runtime nvidia --security-opt systempaths=unconfined -v $PWD:/work "
+                f"edge-compressor:jetson --target {profile.name} ...")
     if kind == "nvidia-gpu":
-        return f"docker run --gpus all -v $PWD:/work -w /work edge-compressor:cuda compress --target {profile.name} ..."
+        return f"docker run --gpus all -v $PWD:/work edge-compressor:cuda --target {profile.name} ..."
     return "pip install onnxruntime"
 
 

@@ -22,7 +22,7 @@ from compressor.model_loading import build_model, load_weights
 from compressor.training import evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAST_MEASURE = ["--warmup", "20", "--iterations", "100"]
+FAST_MEASURE = ["--latency-variants", "4", "--warmup", "20", "--iterations", "100"]
 
 REPORT_KEYS = {"schema_version", "target", "budget", "met", "baseline", "compressed", "loop", "groups", "timings_s",
                "artifacts", "environment", "preprocess"}
@@ -101,6 +101,57 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
                  "--max-accuracy-drop", "1.0", "--junit", str(tmp_path / "gate.xml")]) == 0
     assert "<testsuite" in (tmp_path / "gate.xml").read_text()
     assert main(["gate", str(out / "report.json"), "--max-latency-ms", str(comp["median"] / 10)]) == 3
+
+    # The latency model was built on the target, saved with the run, and every loop iteration
+    # records what it predicted next to what was measured.
+    assert report["latency_source"] == "measured"
+    lm = report["latency_model"]
+    assert lm["kind"] == "per-layer" and lm["source"] == "built on the target in this run"
+    assert lm["provenance"]["variants"] == 4 + 2 and lm["provenance"]["profiler"] == "onnxruntime-profiling"
+    assert (out / "latency_table.json").exists() and report["artifacts"]["latency_table"] == "latency_table.json"
+    solved = [it for it in report["loop"] if isinstance(it["iteration"], int) and it["iteration"] > 0]
+    assert 1 <= len(solved) <= 4
+    assert all(it["predicted_latency_ms"] > 0 and it["measured_latency_ms"] > 0 for it in solved)
+    # The sidecar describes the measured deliverable.
+    sidecar = json.loads((out / "model.sidecar.json").read_text())
+    assert sidecar["backend"]["name"] == "onnxruntime-cpu" and sidecar["latency_ms"]["measured"] is True
+    assert sidecar["latency_ms"]["median"] == pytest.approx(comp["median"])
+    assert sidecar["input_shape"] == [1, 1, 32, 32] and sidecar["sha256"]["onnx"]
+
+
+def test_latency_table_is_cached_and_drives_an_off_device_run(digits_weights, tmp_path):
+    common = ["--weights", str(digits_weights), "--finetune-epochs", "0"]
+    code, first = _compress(tmp_path / "a", *common, "--speedup", "1.5")
+    assert code in (0, 3) and first["latency_model"]["source"] == "built on the target in this run"
+    # Same model and target: the cached table is reused, not rebuilt.
+    code, second = _compress(tmp_path / "b", *common, "--speedup", "1.5")
+    assert code in (0, 3) and second["latency_model"]["source"].startswith("cache: ")
+
+    # A table measured on a device drives a run on a host without it: latencies are predicted
+    # and labelled, nothing claims a measurement, and the CI gate refuses it unless allowed.
+    table = json.loads((tmp_path / "a" / "latency_table.json").read_text())
+    table["key"].update(target="jetson-agx-orin", precision="fp16")
+    table["provenance"]["device"] = "Jetson AGX Orin (table fixture)"
+    table_file = tmp_path / "orin-table.json"
+    table_file.write_text(json.dumps(table))
+    budget = first["baseline"]["latency_ms"]["median"] * 0.7
+    code, report = _compress(tmp_path / "c", *common, "--target", "jetson-orin", "--latency-table", str(table_file),
+                             "--latency-ms", f"{budget:.6f}")
+    assert code == 0, report["notes"]
+    assert report["latency_source"] == "predicted"
+    assert report["labels"]["latency"].startswith("predicted from a table measured on Jetson AGX Orin (table fixture)")
+    assert report["compressed"]["latency_ms"]["predicted"] is True
+    assert report["compressed"]["latency_ms"]["median"] <= budget
+    assert all(it["measured_latency_ms"] is None for it in report["loop"])
+    assert "sidecar" not in report["artifacts"] and not (tmp_path / "c" / "model.sidecar.json").exists()
+    assert any("compress measure model.onnx --target jetson-agx-orin" in n for n in report["notes"])
+    assert main(["gate", str(tmp_path / "c" / "report.json")]) == 3
+    assert main(["gate", str(tmp_path / "c" / "report.json"), "--allow-predicted"]) == 0
+
+    # Without the table the same job is refused (exit 2); a table for another input shape too.
+    assert _compress(tmp_path / "d", *common, "--target", "jetson-orin", "--latency-ms", "1")[0] == 2
+    assert _compress(tmp_path / "e", *common, "--target", "jetson-orin", "--latency-table", str(table_file),
+                     "--latency-ms", "1", "--input-size", "28")[0] == 2
 
 
 @pytest.mark.parametrize("importance", ["nhsic", "concentration", "fused"])

@@ -21,7 +21,35 @@ def _onnxruntime_cpu(threads: int | None = None) -> Backend:
     return OnnxRuntimeCPU(intra_op_threads=threads)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime-cpu": _onnxruntime_cpu}
+def _onnxruntime_gpu(provider: str) -> Callable[..., Backend]:
+    def factory(**options) -> Backend:
+        from deploy.backends.onnxruntime_gpu import OnnxRuntimeGPU
+
+        return OnnxRuntimeGPU(provider, **options)
+
+    return factory
+
+
+def _tensorrt(**options) -> Backend:
+    from deploy.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(**options)
+
+
+def _torch_cuda(**options) -> Backend:
+    from deploy.backends.torch_cuda import create_torch_cuda_backend
+
+    return create_torch_cuda_backend(**options)
+
+
+# Factories import their backend lazily: tensorrt / CUDA modules are only needed where they run.
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "onnxruntime-cpu": _onnxruntime_cpu,
+    "onnxruntime-cuda": _onnxruntime_gpu("onnxruntime-cuda"),
+    "onnxruntime-tensorrt": _onnxruntime_gpu("onnxruntime-tensorrt"),
+    "tensorrt": _tensorrt,
+    "torch-cuda": _torch_cuda,
+}
 
 
 @dataclass(frozen=True)
@@ -55,8 +83,13 @@ def get_backend(name: str, **options) -> Backend:
 
 
 def backend_for_profile(profile) -> Backend:
-    """The backend a target profile names, configured as the profile says (e.g. CPU threads)."""
-    options = {"threads": profile.threads} if profile.backend == "onnxruntime-cpu" else {}
+    """The backend a target profile names, configured as the profile says (CPU threads, precision,
+    the profile's backend_options). Factories take keyword options and reject unknown ones."""
+    options = dict(profile.backend_options)
+    if profile.backend == "onnxruntime-cpu":
+        options["threads"] = profile.threads
+    else:
+        options["precision"] = profile.precision
     return get_backend(profile.backend, **options)
 
 

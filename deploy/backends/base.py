@@ -7,6 +7,7 @@ all of them and lives here, so numbers from different targets are comparable.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,53 @@ class Measurement:
             "settings": dict(self.settings),
             "telemetry": dict(self.telemetry),
         }
+
+    @property
+    def throttled(self) -> bool:
+        """True when the kept attempt ran throttled (after the one re-take `Backend.measure` allows)."""
+        return bool(self.telemetry.get("throttled", False))
+
+
+@dataclass
+class LayerTime:
+    """One layer (or fused kernel) of a per-layer profile, as the backend's profiler reports it.
+
+    `in_channels` / `out_channels` are the channel dimension (NCHW dim 1; a conv's weight dim 0 for
+    the output) of the first activation input and of the output, *as the backend runs them* (ONNX
+    Runtime's NCHWc kernels, for example, report padded counts). None where the layer has no
+    channel dimension. They are what the latency model maps back to the pruned groups.
+    """
+
+    name: str
+    op: str
+    median_ms: float
+    in_channels: int | None = None
+    out_channels: int | None = None
+    input_shapes: list[list[int]] = field(default_factory=list)
+    output_shapes: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerProfile:
+    """Per-layer times of one model from the backend's own profiler, with the end-to-end median
+    measured in the same session without the profiler (profilers add overhead per layer, so the
+    sum of layers is not the latency; the latency model calibrates one against the other)."""
+
+    layers: list[LayerTime]
+    total_ms: float  # end-to-end median, profiler off
+    runs: int  # profiled runs each layer's median is over
+    source: str  # "onnxruntime-profiling" | "torch-profiler" | "tensorrt-iprofiler"
+
+    @property
+    def layer_sum_ms(self) -> float:
+        return float(sum(layer.median_ms for layer in self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "runs": self.runs, "total_ms": self.total_ms,
+                "layer_sum_ms": self.layer_sum_ms, "layers": [layer.to_dict() for layer in self.layers]}
 
 
 class Runner(Protocol):
@@ -84,6 +132,21 @@ class Backend(abc.ABC):
     def create_runner(self, onnx_path: str | os.PathLike) -> Runner:
         """Load `onnx_path` ready to run; BadInput if the file is missing or not a model."""
 
+    def profile_layers(
+        self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...], *, warmup: int = 10, runs: int = 50
+    ) -> LayerProfile | None:
+        """Per-layer times from the backend's profiler, or None when it has none (the latency model
+        then falls back to whole-network measurements)."""
+        return None
+
+    def build_engine(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+                     input_shape: tuple[int, ...]) -> Path | None:
+        """Build and save the deployable engine for `onnx_path`; None for backends that run the
+        ONNX file itself (ONNX Runtime). The suffix to use is `engine_suffix`."""
+        return None
+
+    engine_suffix: str | None = None
+
     def measure(
         self,
         onnx_path: str | os.PathLike,
@@ -96,8 +159,21 @@ class Backend(abc.ABC):
         seed: int = 0,
         telemetry: str = "none",
         expected_power_mode: str | None = None,
+        sysfs_root: str | None = None,
+        nvpmodel: str | None = None,
+        telemetry_interval_s: float = 0.05,
     ) -> Measurement:
-        """Latency of one inference at `input_shape` (N, C, H, W), with telemetry around the timed runs."""
+        """Latency of one inference at `input_shape` (N, C, H, W), with telemetry around the timed runs.
+
+        A run the telemetry calls throttled (power cap, thermal slowdown, Jetson GPU clock below its
+        maximum) does not describe the device, so it is taken once more with a fresh sampler (a
+        governor has ramped up by then, a transient cap has passed). The second attempt is kept and its
+        telemetry records `retaken` and the first attempt's median and reasons; if it is throttled
+        too it stays flagged (`throttled: true`) for the report to say so.
+
+        `sysfs_root` (default /sys) and `nvpmodel` (default: found on PATH; "" for none) are where the
+        sampler reads the device, so tests can point them at a constructed tree.
+        """
         shape = tuple(int(d) for d in input_shape)
         if not shape or any(d <= 0 for d in shape):
             raise BadInput(f"input shape must be positive integers, got {list(input_shape)}")
@@ -105,11 +181,27 @@ class Backend(abc.ABC):
         check_input_shape(runner.input_shape, shape, what=f"{Path(onnx_path).name}")
         x = fixed_input(shape, seed)
         runner.run(x)  # fail on a bad model before the timed loop, with the backend's own error
-        with TelemetrySampler(telemetry, expected_power_mode=expected_power_mode) as sampler:
-            stats = measure_callable(
-                lambda: runner.run(x), warmup=warmup, iterations=iterations, max_cv=max_cv, retries=retries
-            )
+
+        def attempt() -> tuple[LatencyStats, dict[str, Any]]:
+            with TelemetrySampler(telemetry, telemetry_interval_s, sysfs_root=sysfs_root or "/sys",
+                                  expected_power_mode=expected_power_mode, nvpmodel=nvpmodel) as sampler:
+                stats = measure_callable(
+                    lambda: runner.run(x), warmup=warmup, iterations=iterations, max_cv=max_cv, retries=retries
+                )
+            return stats, sampler.result()
+
+        stats, result = attempt()
+        if result.get("throttled"):
+            log = logging.getLogger(__name__)
+            first = {"median_ms": stats.median_ms, "reasons": list(result.get("reasons", []))}
+            log.warning("measurement of %s throttled (%s); measuring again", Path(onnx_path).name,
+                        "; ".join(first["reasons"]) or "no reason given")
+            stats, result = attempt()
+            result = {**result, "retaken": True, "first_attempt": first}
+            if result.get("throttled"):
+                log.warning("measurement of %s throttled again (%s); kept and flagged", Path(onnx_path).name,
+                            "; ".join(result.get("reasons", [])) or "no reason given")
         settings = {**runner.settings, "input_shape": list(shape), "input_seed": seed}
         return Measurement(
-            latency=stats, backend=self.name, device=self.device_name(), settings=settings, telemetry=sampler.result()
+            latency=stats, backend=self.name, device=self.device_name(), settings=settings, telemetry=result
         )

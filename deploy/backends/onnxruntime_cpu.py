@@ -5,16 +5,19 @@ inter-op 1 and sequential execution, so a latency number means the same thing ru
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import Backend, check_input_shape
+from deploy.backends.base import Backend, LayerProfile, LayerTime, check_input_shape, fixed_input
 from deploy.cpu_info import cpu_model, physical_cores
 from deploy.errors import BadInput
+from deploy.harness import measure_callable
 
 
 class OrtRunner:
@@ -82,12 +85,10 @@ class OnnxRuntimeCPU(Backend):
             "graph_optimization_level": "ORT_ENABLE_ALL",
         }
 
-    def create_runner(self, onnx_path: str | os.PathLike) -> OrtRunner:
+    def session_options(self):
+        """ORT SessionOptions carrying `session_settings()`."""
         import onnxruntime as ort
 
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise BadInput(f"ONNX model not found: {path}")
         settings = self.session_settings()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings["intra_op_num_threads"]
@@ -95,9 +96,80 @@ class OnnxRuntimeCPU(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only; ORT's warnings about unused initialisers are noise here
+        return opts
+
+    def profile_layers(self, onnx_path, input_shape, *, warmup: int = 10, runs: int = 50) -> LayerProfile:
+        """Per-node kernel times from ONNX Runtime's profiler (same session settings as `measure`)."""
+        return _profile_layers(self, onnx_path, input_shape, warmup=warmup, runs=runs)
+
+    def create_runner(self, onnx_path: str | os.PathLike) -> OrtRunner:
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise BadInput(f"ONNX model not found: {path}")
+        settings = self.session_settings()
+        opts = self.session_options()
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInput(f"{path}: ONNX Runtime cannot load the model ({first})") from None
         return OrtRunner(session, settings, path)
+
+
+def _channels(shapes: list) -> tuple[int | None, list[list[int]]]:
+    """(dim 1 of the first shape of rank >= 2, all shapes) from ORT's [{dtype: shape}, ...] profile args."""
+    out = [list(next(iter(entry.values()))) for entry in shapes or [] if isinstance(entry, dict) and entry]
+    first = next((s[1] for s in out if len(s) >= 2), None)
+    return (int(first) if first is not None else None), out
+
+
+def parse_ort_profile(events: list[dict], *, skip_runs: int = 0) -> tuple[list[LayerTime], int]:
+    """Per-node median kernel times from an ONNX Runtime profile (the JSON `end_profiling` writes).
+
+    Nodes are returned in execution order of the first profiled run. Runs are delimited by the
+    session's `model_run` events; the first `skip_runs` of them (warm-up) are ignored.
+    """
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    start = runs[skip_runs] if len(runs) > skip_runs else 0
+    times: dict[str, list[float]] = {}
+    meta: dict[str, dict] = {}
+    for e in sorted((e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")),
+                    key=lambda e: e["ts"]):
+        if e["ts"] < start:
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        times.setdefault(name, []).append(e["dur"] / 1000.0)  # µs -> ms
+        meta.setdefault(name, e.get("args", {}))
+    layers = []
+    for name, durations in times.items():
+        args = meta[name]
+        cin, in_shapes = _channels(args.get("input_type_shape", []))
+        cout, out_shapes = _channels(args.get("output_type_shape", []))
+        layers.append(LayerTime(name=name, op=str(args.get("op_name", "")), median_ms=float(np.median(durations)),
+                                in_channels=cin, out_channels=cout, input_shapes=in_shapes, output_shapes=out_shapes))
+    return layers, max(len(runs) - skip_runs, 0)
+
+
+def _profile_layers(backend: "OnnxRuntimeCPU", onnx_path, input_shape, *, warmup: int, runs: int) -> LayerProfile:
+    """ORT's own per-node profiler on a session with the backend's settings, plus an unprofiled end-to-end median."""
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    runner = backend.create_runner(path)  # validates the file and gives the plain session for total_ms
+    x = fixed_input(tuple(int(d) for d in input_shape))
+    check_input_shape(runner.input_shape, x.shape, what=path.name)
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
+        opts = backend.session_options()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        feed = {runner.input_name: x}
+        for _ in range(warmup + runs):
+            session.run(runner._first_output, feed)
+        profile_file = session.end_profiling()
+        events = json.loads(Path(profile_file).read_text())
+    layers, profiled = parse_ort_profile(events, skip_runs=warmup)
+    stats = measure_callable(lambda: runner.run(x), warmup=warmup, iterations=max(runs, 20))
+    return LayerProfile(layers=layers, total_ms=stats.median_ms, runs=profiled, source="onnxruntime-profiling")

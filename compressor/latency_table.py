@@ -1,0 +1,529 @@
+"""The latency model: per-layer latency as a function of the kept channels, learned on the target.
+
+A handful of width variants of the real network are profiled on the target (the backend's own
+per-layer profiler: ONNX Runtime profiling, the torch profiler, TensorRT's IProfiler). Each layer's
+time is then fitted as
+
+    t_layer = a + b * c_in * c_out + c * c_in + d * c_out        (a, b, c, d >= 0)
+
+where c_in / c_out are the channel counts the backend actually runs. Those are tied to the pruned
+groups by looking at how each layer's reported channel counts move with the groups' widths across
+the variants (no name matching: fused and renamed kernels differ from one build to the next), and
+they include the backend's padding: ONNX Runtime's NCHWc kernels report 15 channels as 16, so
+the step is read from the shapes; where a backend hides its padding (TensorRT), a step of
+8/16/32 is adopted for a group when the timings show it. That is the alignment staircase, and the
+solver gets it as a per-group channel step.
+
+The per-layer sum is calibrated to the end-to-end median measured without the profiler
+(``total = alpha * sum + beta``): profilers add overhead per layer, and the runtime has overhead
+between layers. Backends with no per-layer profiler get a whole-network model (latency from MACs
+and parameters, fitted to the same variants' measurements).
+
+The closed loop corrects the model with every plan it measures (`CorrectedLatency`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import nnls
+
+from compressor.errors import BadInput
+from deploy.backends.base import LayerProfile
+
+SCHEMA_VERSION = 1
+# Layout conversions the runtime inserts around kernels (ORT NCHWc reorders, TensorRT reformats):
+# their time belongs to the layer before them.
+_LAYOUT_OPS = ("reorder", "reformat", "copy", "shuffle")
+_CONV_OPS = ("conv", "convolution", "fusedconv", "cudnn_convolution")
+_STEPS = (8, 16, 32)  # candidate hidden alignment steps tried against the timings
+_MAX_PAD = 64  # a backend pads a channel count by less than this
+# A hidden step is adopted for a group only when it cuts the squared fit error of the group's
+# layers by at least this fraction: "where the data shows one".
+_STEP_GAIN = 0.25
+
+
+@dataclass
+class VariantSample:
+    """One profiled width variant: kept channels per group (cost-model order) and what it measured."""
+
+    keep: list[int]
+    total_ms: float  # end-to-end median, profiler off
+    macs: float
+    params: float
+    profile: LayerProfile | None = None
+
+
+@dataclass
+class DimMap:
+    """How one channel dimension of a layer follows the plan: pad(scale * k[group], step), or a constant."""
+
+    group: int | None  # index into the model's groups; None = constant width
+    constant: int = 0
+    scale: int = 1
+    step: int = 1
+    step_source: str = "none"  # "shape" (the profiler reports padded counts), "timing", or "none"
+    block: int = 1  # the block the backend pads to in *some* variants (its kernel choice depends on width)
+
+    def value(self, keep: np.ndarray) -> np.ndarray:
+        """Channel count(s) for keep vectors `keep` ([n_groups] or [n_plans, n_groups])."""
+        if self.group is None:
+            return np.full(keep.shape[:-1], float(self.constant))
+        c = self.scale * keep[..., self.group].astype(float)
+        return np.ceil(c / self.step) * self.step
+
+    def blocked(self, keep: np.ndarray) -> np.ndarray:
+        """The count padded to `block`: the width the padded kernel would run at."""
+        c = self.value(keep)
+        return np.ceil(c / self.block) * self.block if self.block > 1 else c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerModel:
+    """One position in the execution order: t = a + b*ci*co + c*ci + d*co + e*bi*bo (ms), where bi/bo
+    are the counts padded to the block the backend uses for some widths (= ci/co when it never pads)."""
+
+    name: str
+    op: str
+    cin: DimMap
+    cout: DimMap
+    coef: list[float] = field(default_factory=lambda: [0.0] * 5)
+
+    def features(self, keep: np.ndarray) -> np.ndarray:
+        ci, co = self.cin.value(keep), self.cout.value(keep)
+        bi, bo = self.cin.blocked(keep), self.cout.blocked(keep)
+        return np.stack([np.ones_like(ci), ci * co, ci, co, bi * bo], axis=-1)
+
+    def predict(self, keep: np.ndarray) -> np.ndarray:
+        return self.features(keep) @ np.asarray(self.coef)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "cin": self.cin.to_dict(), "cout": self.cout.to_dict(),
+                "coef": list(self.coef)}
+
+
+def _canonical(op: str) -> str:
+    low = op.lower().split("::")[-1]
+    if any(low.startswith(c) or low == c for c in _CONV_OPS) or "conv" in low:
+        return "conv"
+    return low
+
+
+def _is_layout(op: str, name: str) -> bool:
+    text = f"{op} {name}".lower()
+    return any(t in text for t in _LAYOUT_OPS)
+
+
+@dataclass
+class _Position:
+    """One compute layer of the reference variant and what every variant measured for it."""
+
+    name: str
+    op: str
+    times: np.ndarray  # [V] ms (0 where the variant fused it away)
+    cin: list[int | None]  # [V] reported input channels
+    cout: list[int | None]
+
+
+def profiler_overhead_ms(samples: Sequence[VariantSample]) -> float:
+    """The time a profiler adds to every layer it times, from how the profiled sum exceeds the
+    unprofiled latency as the layer count changes: total = alpha * (sum - o * layers) + beta."""
+    sums = np.array([s.profile.layer_sum_ms for s in samples])
+    counts = np.array([len(s.profile.layers) for s in samples], dtype=float)
+    totals = np.array([s.total_ms for s in samples])
+    if np.ptp(counts) == 0:
+        return 0.0  # not identifiable; the calibration's intercept absorbs it
+    (a, b, _), *_ = np.linalg.lstsq(np.stack([sums, counts, np.ones_like(sums)], axis=1), totals, rcond=None)
+    if not a > 0:
+        return 0.0
+    smallest = min(layer.median_ms for s in samples for layer in s.profile.layers)
+    return float(np.clip(-b / a, 0.0, smallest))
+
+
+def _scope(name: str) -> str:
+    """The module scope a layer name sits in: '/layer3/layer3.0/relu1/Relu_output_0' -> '/layer3/layer3.0'.
+
+    ONNX exporters name nodes by module path; a runtime that fuses or renames a kernel keeps a
+    name from inside the same block, so the block is the part that survives from one build to the next.
+    Names without a path (the torch profiler's 'aten::conv2d#3') share one scope.
+    """
+    first = name.split(" + ")[0]  # TensorRT names fused layers "a + b"
+    parts = first.split("/")
+    return "/".join(parts[:-2]) if len(parts) >= 3 else ""
+
+
+def _keyed_sequence(profile: LayerProfile, overhead_ms: float) -> list[tuple[str | None, Any, float]]:
+    """(key, layer, time) per compute layer in execution order; key = scope + op + its index in the scope.
+
+    Layout conversions are merged into the layer before them (key None when nothing precedes).
+    """
+    seq: list[tuple[str | None, Any, float]] = []
+    counters: dict[tuple[str, str], int] = {}
+    for layer in profile.layers:
+        t = max(layer.median_ms - overhead_ms, 0.0)
+        if _is_layout(layer.op, layer.name):
+            if seq:
+                key, first, acc = seq[-1]
+                seq[-1] = (key, first, acc + t)
+            continue
+        scope, op = _scope(layer.name), _canonical(layer.op)
+        index = counters.get((scope, op), 0)
+        counters[(scope, op)] = index + 1
+        seq.append((f"{scope}|{op}|{index}", layer, t))
+    return seq
+
+
+def _aligned_positions(samples: Sequence[VariantSample], overhead_ms: float = 0.0) -> list[_Position]:
+    """Match the compute layers of every variant to those of the first (the widest).
+
+    Layers are matched by module scope, canonical op and order inside the scope: runtimes reorder
+    independent branches and rename fused kernels from one width to another, so neither the global
+    order nor the exact name is stable. A layer with no counterpart in the reference is charged to
+    the layer executed before it. Each layer's time has the profiler's per-layer overhead taken off.
+    """
+    ref = _keyed_sequence(samples[0].profile, overhead_ms)
+    index = {key: i for i, (key, _, _) in enumerate(ref)}
+    n_var = len(samples)
+    positions = [_Position(layer.name, key.split("|")[1], np.zeros(n_var), [None] * n_var, [None] * n_var)
+                 for key, layer, _ in ref]
+    for v, sample in enumerate(samples):
+        last = 0
+        for key, layer, t in _keyed_sequence(sample.profile, overhead_ms):
+            i = index.get(key)
+            if i is None:
+                positions[last].times[v] += t
+                continue
+            last = i
+            positions[i].times[v] += t
+            positions[i].cin[v] = layer.in_channels
+            positions[i].cout[v] = layer.out_channels
+    return positions
+
+
+def _identify(observed: list[int | None], keeps: np.ndarray) -> DimMap:
+    """Which group a reported channel count follows across the variants, with any padding step."""
+    pairs = [(c, keeps[v]) for v, c in enumerate(observed) if c is not None]
+    if not pairs:
+        return DimMap(group=None, constant=0)
+    values = np.array([c for c, _ in pairs], dtype=float)
+    ks = np.array([k for _, k in pairs], dtype=float)  # [n, G]
+    if np.all(values == values[0]) and (len(pairs) < 2 or np.any(np.ptp(ks, axis=0) > 0)):
+        # Constant while the groups moved: not tied to any group (e.g. the classifier's outputs).
+        # A group that never moved could explain it too; then it does not matter which we pick.
+        return DimMap(group=None, constant=int(values[0]))
+    best: tuple[float, DimMap] | None = None
+    for g in range(ks.shape[1]):
+        k = ks[:, g]
+        if np.any(k <= 0) or np.ptp(k) == 0:
+            continue
+        ratio = values / k
+        scale = int(round(float(np.min(ratio))))
+        if scale < 1:
+            continue
+        base = scale * k
+        pad = values - base
+        if np.any(pad < 0) or np.any(pad >= _MAX_PAD * scale):
+            continue
+        step, err = 1, float(np.mean(pad)) * 1e-3  # prefer exact ties, then the least padding
+        if np.any(pad > 0):  # the backend pads: find the block size that explains every count
+            step = next((s for s in (2, 4, 8, 16, 32, 64) if np.all(np.ceil(base / s) * s == values)), 0)
+            if step == 0:
+                # Padded in some variants only (ONNX Runtime picks NCHWc kernels by width): the
+                # count is either exact or padded to one block size. Model it unpadded; the fit
+                # absorbs the average cost, and the timings decide whether a step is worth keeping.
+                mixed = next((s for s in (2, 4, 8, 16, 32, 64)
+                              if np.all((values == base) | (np.ceil(base / s) * s == values))), 0)
+                if mixed == 0:
+                    continue
+                step, err = 1, float(np.mean(pad)) * 1e-3 + 0.1
+                cand = DimMap(group=g, scale=scale, step=1, step_source="none", block=mixed)
+                if best is None or err < best[0]:
+                    best = (err, cand)
+                continue
+        cand = DimMap(group=g, scale=scale, step=step, step_source="shape" if step > 1 else "none")
+        if best is None or err < best[0]:
+            best = (err, cand)
+    if best is None:  # follows no single group (a concat, say): model it as its widest width
+        return DimMap(group=None, constant=int(values.max()))
+    return best[1]
+
+
+def _fit_layer(features: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative least squares (latency never falls as channels grow); (coef, squared error).
+
+    Columns are scaled to unit norm first so the solve is well conditioned."""
+    norms = np.linalg.norm(features, axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = nnls(features / norms, times)
+    coef = coef / norms
+    resid = features @ coef - times
+    return coef, float(resid @ resid)
+
+
+class LatencyTable:
+    """Per-layer latency model of one network on one target (see the module docstring)."""
+
+    kind = "per-layer"
+
+    def __init__(self, group_names: list[str], channels: list[int], layers: list[LayerModel], alpha: float,
+                 beta: float, *, provenance: dict[str, Any] | None = None, key: dict[str, Any] | None = None,
+                 fit: dict[str, Any] | None = None):
+        self.group_names = list(group_names)
+        self.channels = [int(c) for c in channels]
+        self.layers = layers
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.provenance = dict(provenance or {})
+        self.key = dict(key or {})
+        self.fit = dict(fit or {})
+        self._compile()
+
+    def _compile(self) -> None:
+        """Arrays for a vectorised predict (the solver calls it thousands of times)."""
+        def dims(attr: str) -> tuple[np.ndarray, ...]:
+            maps = [getattr(layer, attr) for layer in self.layers]
+            group = np.array([m.group if m.group is not None else -1 for m in maps], dtype=int)
+            const = np.array([m.constant for m in maps], dtype=float)
+            scale = np.array([m.scale for m in maps], dtype=float)
+            step = np.array([m.step for m in maps], dtype=float)
+            block = np.array([m.block for m in maps], dtype=float)
+            return group, const, scale, step, block
+
+        self._in, self._out = dims("cin"), dims("cout")
+        self._coef = np.array([layer.coef for layer in self.layers], dtype=float).reshape(-1, 5)
+
+    @staticmethod
+    def _dim_values(keep: np.ndarray, d: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+        group, const, scale, step, block = d
+        k = keep[..., np.maximum(group, 0)] * scale
+        value = np.where(group >= 0, np.ceil(k / step) * step, const)
+        return value, np.ceil(value / block) * block
+
+    def layer_times(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
+        k = np.asarray(keep, dtype=float)
+        (ci, bi), (co, bo) = self._dim_values(k, self._in), self._dim_values(k, self._out)
+        c = self._coef
+        return c[:, 0] + c[:, 1] * ci * co + c[:, 2] * ci + c[:, 3] * co + c[:, 4] * bi * bo
+
+    def predict(self, keep: Sequence[float] | np.ndarray) -> float:
+        """Predicted end-to-end median latency (ms) of the network pruned to `keep` channels per group."""
+        return float(self.alpha * self.layer_times(keep).sum() + self.beta)
+
+    def group_steps(self) -> dict[str, dict[str, Any]]:
+        """The alignment staircase per group: the step its layers run at, and where that was seen."""
+        out: dict[str, dict[str, Any]] = {}
+        for g, name in enumerate(self.group_names):
+            seen = [(m.step, m.step_source) for layer in self.layers for m in (layer.cin, layer.cout)
+                    if m.group == g and m.step > 1]
+            if not seen:
+                continue
+            steps = [s for s, _ in seen]
+            step = max(set(steps), key=steps.count)  # the step most of its layers run at
+            sources = sorted({src for s, src in seen if s == step})
+            out[name] = {"step": int(step), "layers": len(seen), "source": "+".join(sources)}
+        return out
+
+    def alignment_for_solver(self, base: int) -> list[int]:
+        """Per-group channel step for the solver: the measured step where one was found (and it leaves
+        the group something to choose), else the profile's alignment."""
+        steps = self.group_steps()
+        out = []
+        for name, c in zip(self.group_names, self.channels):
+            step = steps.get(name, {}).get("step", 1)
+            out.append(int(step) if base < step < c else int(base))
+        return out
+
+    # -- persistence -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
+                "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
+                "alpha": self.alpha, "beta": self.beta, "fit": self.fit, "group_steps": self.group_steps(),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LatencyTable | WholeNetworkModel":
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            raise BadInput(f"latency table: unsupported schema_version {data.get('schema_version') if isinstance(data, dict) else None!r} "
+                           f"(this version reads {SCHEMA_VERSION})")
+        try:
+            names = [g["name"] for g in data["groups"]]
+            channels = [int(g["channels"]) for g in data["groups"]]
+            if data["kind"] == WholeNetworkModel.kind:
+                return WholeNetworkModel(names, channels, data["coef"], data["macs"], data["params"],
+                                         provenance=data.get("provenance"), key=data.get("key"), fit=data.get("fit"))
+            layers = [LayerModel(name=lt["name"], op=lt["op"], cin=DimMap(**lt["cin"]), cout=DimMap(**lt["cout"]),
+                                 coef=[float(c) for c in lt["coef"]]) for lt in data["layers"]]
+            return cls(names, channels, layers, data["alpha"], data["beta"], provenance=data.get("provenance"),
+                       key=data.get("key"), fit=data.get("fit"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"latency table is malformed ({type(exc).__name__}: {exc})") from None
+
+
+class WholeNetworkModel:
+    """Fallback when the backend has no per-layer profiler: latency = a + b * MACs + c * params,
+    fitted (non-negative) to the variants' end-to-end measurements. MACs and params are exact
+    functions of the plan (the cost model's quadratic forms, stored here)."""
+
+    kind = "whole-network"
+
+    def __init__(self, group_names: list[str], channels: list[int], coef: Sequence[float], macs: dict, params: dict,
+                 *, provenance: dict | None = None, key: dict | None = None, fit: dict | None = None):
+        self.group_names, self.channels = list(group_names), [int(c) for c in channels]
+        self.coef = np.asarray(coef, dtype=float)
+        self.macs, self.params = macs, params  # {"c0", "a", "q"} quadratic forms
+        self.provenance, self.key, self.fit = dict(provenance or {}), dict(key or {}), dict(fit or {})
+
+    @staticmethod
+    def _quad(form: dict, k: np.ndarray) -> float:
+        return float(form["c0"] + np.dot(form["a"], k) + k @ np.asarray(form["q"]) @ k)
+
+    def predict(self, keep: Sequence[float] | np.ndarray) -> float:
+        k = np.asarray(keep, dtype=float)
+        return float(self.coef @ np.array([1.0, self._quad(self.macs, k), self._quad(self.params, k)]))
+
+    def group_steps(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def alignment_for_solver(self, base: int) -> list[int]:
+        return [int(base)] * len(self.group_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(form: dict) -> dict:
+            return {"c0": float(form["c0"]), "a": np.asarray(form["a"]).tolist(), "q": np.asarray(form["q"]).tolist()}
+
+        return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
+                "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
+                "coef": self.coef.tolist(), "macs": plain(self.macs), "params": plain(self.params), "fit": self.fit}
+
+
+LatencyModel = LatencyTable | WholeNetworkModel
+
+
+def _mape(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    return float(np.mean(np.abs(p - m) / m) * 100.0)
+
+
+def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequence[VariantSample], *,
+                      provenance: dict | None = None, key: dict | None = None, loo: bool = True) -> LatencyTable:
+    """Fit the per-layer model to profiled variants (the first should be the full-width network)."""
+    if len(samples) < 5:
+        raise BadInput(f"a latency table needs at least 5 profiled variants, got {len(samples)}")
+    if any(s.profile is None or not s.profile.layers for s in samples):
+        raise BadInput("every variant needs a per-layer profile for a per-layer latency table")
+    keeps = np.array([s.keep for s in samples], dtype=float)
+    overhead = profiler_overhead_ms(samples)
+    positions = _aligned_positions(samples, overhead)
+    layers = [LayerModel(p.name, p.op, _identify(p.cin, keeps), _identify(p.cout, keeps)) for p in positions]
+    times = np.stack([p.times for p in positions])  # [L, V]
+
+    def fit_all(layer_idx: Sequence[int], rows: np.ndarray) -> float:
+        err = 0.0
+        for i in layer_idx:
+            coef, e = _fit_layer(layers[i].features(keeps[rows]), times[i, rows])
+            layers[i].coef = coef.tolist()
+            err += e
+        return err
+
+    all_rows = np.arange(len(samples))
+    fit_all(range(len(layers)), all_rows)
+    _adopt_hidden_steps(layers, keeps, times, fit_all, all_rows)
+
+    def calibrate(rows: np.ndarray) -> tuple[float, float]:
+        # beta may be negative: the profiler adds a fixed overhead to every layer it times.
+        sums = np.array([sum(layer.predict(keeps[v]) for layer in layers) for v in rows])
+        totals = np.array([samples[v].total_ms for v in rows])
+        a = np.stack([sums, np.ones_like(sums)], axis=1)
+        (alpha, beta), *_ = np.linalg.lstsq(a, totals, rcond=None)
+        if not alpha > 0:  # degenerate (all variants alike): fall back to a pure ratio
+            alpha, beta = float(totals.sum() / max(sums.sum(), 1e-12)), 0.0
+        return float(alpha), float(beta)
+
+    alpha, beta = calibrate(all_rows)
+    table = LatencyTable(group_names, channels, layers, alpha, beta, provenance=provenance, key=key)
+    measured = [s.total_ms for s in samples]
+    fit = {"variants": len(samples), "layers": len(layers), "profiler_overhead_ms_per_layer": overhead,
+           "in_sample_mape_pct": _mape([table.predict(k) for k in keeps], measured),
+           "profiled_over_measured": float(np.mean([s.profile.layer_sum_ms / s.total_ms for s in samples]))}
+    if loo:  # leave-one-out: refit without each variant and predict it (an honest in-table error)
+        saved = [list(layer.coef) for layer in layers]
+        preds = []
+        for v in range(len(samples)):
+            rows = np.delete(all_rows, v)
+            fit_all(range(len(layers)), rows)
+            a, b = calibrate(rows)
+            preds.append(a * sum(layer.predict(keeps[v]) for layer in layers) + b)
+        for layer, coef in zip(layers, saved):
+            layer.coef = coef
+        fit["leave_one_out_mape_pct"] = _mape(preds, measured)
+    table.fit = fit
+    table._compile()
+    return table
+
+
+def _adopt_hidden_steps(layers: list[LayerModel], keeps: np.ndarray, times: np.ndarray, fit_all, rows) -> None:
+    """Try 8/16/32-channel steps for groups whose layers report unpadded counts; keep one where the
+    timings fit markedly better with it (a backend that pads internally, like TensorRT)."""
+    n_groups = keeps.shape[1]
+    for g in range(n_groups):
+        dims = [m for layer in layers for m in (layer.cin, layer.cout) if m.group == g and m.step_source != "shape"]
+        if not dims or np.ptp(keeps[:, g]) == 0:
+            continue
+        involved = [i for i, layer in enumerate(layers) if layer.cin in dims or layer.cout in dims]
+        base_err = fit_all(involved, rows)
+        best_step, best_err = 1, base_err
+        for step in _STEPS:
+            for m in dims:
+                m.step = step
+            err = fit_all(involved, rows)
+            if err < best_err:
+                best_step, best_err = step, err
+        adopt = best_step > 1 and best_err <= (1 - _STEP_GAIN) * base_err
+        for m in dims:
+            m.step, m.step_source = (best_step, "timing") if adopt else (1, "none")
+        fit_all(involved, rows)
+
+
+def fit_whole_network(group_names: list[str], channels: list[int], samples: Sequence[VariantSample],
+                      macs_form: dict, params_form: dict, *, provenance: dict | None = None,
+                      key: dict | None = None) -> WholeNetworkModel:
+    """The fallback model from end-to-end measurements only."""
+    if len(samples) < 3:
+        raise BadInput(f"a whole-network latency model needs at least 3 measured variants, got {len(samples)}")
+    feats = np.array([[1.0, s.macs, s.params] for s in samples])
+    totals = np.array([s.total_ms for s in samples])
+    norms = np.linalg.norm(feats, axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = nnls(feats / norms, totals)
+    model = WholeNetworkModel(group_names, channels, coef / norms, macs_form, params_form,
+                              provenance=provenance, key=key)
+    model.fit = {"variants": len(samples),
+                 "in_sample_mape_pct": _mape([model.predict(s.keep) for s in samples], totals)}
+    return model
+
+
+class CorrectedLatency:
+    """A latency model plus the closed loop's correction from measured plans.
+
+    After each measurement the prediction is rescaled by measured / predicted at that plan. The
+    loop's plans sit close together (all near the budget), so the latest ratio is the best local
+    correction; the raw model still decides the shape of the trade-off between groups.
+    """
+
+    def __init__(self, model: LatencyModel):
+        self.model = model
+        self.factor = 1.0
+        self.history: list[dict[str, float]] = []
+
+    def predict(self, keep: Sequence[float] | np.ndarray) -> float:
+        return self.factor * self.model.predict(keep)
+
+    def correct(self, keep: Sequence[float] | np.ndarray, measured_ms: float) -> None:
+        raw = self.model.predict(keep)
+        if raw > 0 and math.isfinite(measured_ms):
+            self.factor = measured_ms / raw
+        self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": self.factor})
