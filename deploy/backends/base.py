@@ -106,6 +106,21 @@ def check_input_shape(declared: Sequence[int | str | None], shape: tuple[int, ..
             raise BadInput(f"{what} expects input shape {list(declared)}, got {list(shape)}")
 
 
+def run_in_batches(runner: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`runner.run` over `x` in chunks of `batch_size` (evaluation of a whole split as deployed);
+    a short last chunk is zero-padded when the model's batch dimension is static."""
+    check_input_shape(runner.input_shape, (batch_size, *x.shape[1:]), what=runner.path.name)
+    outs = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        if len(chunk) < batch_size and isinstance(runner.input_shape[0], int):
+            pad = np.zeros((batch_size - len(chunk), *x.shape[1:]), dtype=np.float32)
+            outs.append(runner.run(np.concatenate([chunk, pad]))[: len(chunk)])
+        else:
+            outs.append(runner.run(chunk))
+    return np.concatenate(outs) if outs else np.empty((0,), dtype=np.float32)
+
+
 def fixed_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """The measurement input: standard normal float32, the same for a given seed and shape."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import Backend, LayerProfile, LayerTime, check_input_shape, fixed_input
+from deploy.backends.base import run_in_batches, Backend, LayerProfile, LayerTime, check_input_shape, fixed_input
 from deploy.cpu_info import cpu_model, physical_cores
 from deploy.errors import BadInput
 from deploy.harness import measure_callable
@@ -43,16 +43,7 @@ class OrtRunner:
 
     def run_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """First output over `x` in chunks of `batch_size` (for evaluation of a whole split)."""
-        check_input_shape(self.input_shape, (batch_size, *x.shape[1:]), what=self.path.name)
-        outs = []
-        for i in range(0, len(x), batch_size):
-            chunk = x[i : i + batch_size]
-            if len(chunk) < batch_size and isinstance(self.input_shape[0], int):
-                pad = np.zeros((batch_size - len(chunk), *x.shape[1:]), dtype=np.float32)
-                outs.append(self.run(np.concatenate([chunk, pad]))[: len(chunk)])
-            else:
-                outs.append(self.run(chunk))
-        return np.concatenate(outs) if outs else np.empty((0,), dtype=np.float32)
+        return run_in_batches(self, x, batch_size)
 
 
 class OnnxRuntimeCPU(Backend):

@@ -184,11 +184,9 @@ def timing_cache_path(cache_dir: str | os.PathLike | None, device_name: str, trt
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from deploy.sidecar import sha256_file
+
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)

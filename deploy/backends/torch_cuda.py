@@ -29,7 +29,7 @@ import torch
 
 from deploy.atomic_io import atomic_path
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import Backend, LayerProfile, LayerTime, Measurement, check_input_shape, fixed_input
+from deploy.backends.base import run_in_batches, Backend, LayerProfile, LayerTime, Measurement, check_input_shape, fixed_input
 from deploy.cpu_info import cpu_model
 from deploy.errors import BadInput, DeviceUnavailable
 from deploy.harness import measure_callable
@@ -215,16 +215,7 @@ class TorchRunner:
     def run_batches(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """First output over `x` in chunks of `batch_size` (evaluation of a whole split as deployed);
         a short last chunk is zero-padded when the program's batch is static."""
-        check_input_shape(self.input_shape, (batch_size, *x.shape[1:]), what=self.path.name)
-        outs = []
-        for i in range(0, len(x), batch_size):
-            chunk = x[i : i + batch_size]
-            if len(chunk) < batch_size and isinstance(self.input_shape[0], int):
-                pad = np.zeros((batch_size - len(chunk), *x.shape[1:]), dtype=np.float32)
-                outs.append(self.run(np.concatenate([chunk, pad]))[: len(chunk)])
-            else:
-                outs.append(self.run(chunk))
-        return np.concatenate(outs) if outs else np.empty((0,), dtype=np.float32)
+        return run_in_batches(self, x, batch_size)
 
 
 def _timed(runner: TorchRunner, xt: torch.Tensor, *, warmup: int, iterations: int, max_cv: float,
