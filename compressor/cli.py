@@ -113,7 +113,7 @@ def cli(ctx: click.Context, config_path: Path, quiet: bool, as_json: bool, debug
     from compressor.console import StageConsole
     from compressor.job_config import build_job_config
     from compressor.pipeline import run_job
-    from compressor.report import budget_line, summary_table
+    from compressor.report import summary_table
 
     config = build_job_config(flags, config_path=config_path)
     report = run_job(config, StageConsole(quiet=quiet or as_json))

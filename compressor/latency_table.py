@@ -205,6 +205,25 @@ def _aligned_positions(samples: Sequence[VariantSample], overhead_ms: float = 0.
     return positions
 
 
+_BLOCKS = (2, 4, 8, 16, 32, 64)
+
+
+def _padding(group: int, scale: int, base: np.ndarray, values: np.ndarray) -> DimMap | None:
+    """How `values` pad the group's widths `base`: not at all, always to one block size (a step
+    read from the shapes), or at some widths only (ONNX Runtime picks NCHWc kernels by width: the
+    count is then modelled unpadded, with the block as an extra term the fit may use); None if
+    no block size explains them."""
+    if np.all(values == base):
+        return DimMap(group=group, scale=scale)
+    for s in _BLOCKS:
+        if np.all(np.ceil(base / s) * s == values):
+            return DimMap(group=group, scale=scale, step=s, step_source="shape")
+    for s in _BLOCKS:
+        if np.all((values == base) | (np.ceil(base / s) * s == values)):
+            return DimMap(group=group, scale=scale, block=s)
+    return None
+
+
 def _identify(observed: list[int | None], keeps: np.ndarray) -> DimMap:
     """Which group a reported channel count follows across the variants, with any padding step."""
     pairs = [(c, keeps[v]) for v, c in enumerate(observed) if c is not None]
@@ -229,23 +248,11 @@ def _identify(observed: list[int | None], keeps: np.ndarray) -> DimMap:
         pad = values - base
         if np.any(pad < 0) or np.any(pad >= _MAX_PAD * scale):
             continue
-        step, err = 1, float(np.mean(pad)) * 1e-3  # prefer exact ties, then the least padding
-        if np.any(pad > 0):  # the backend pads: find the block size that explains every count
-            step = next((s for s in (2, 4, 8, 16, 32, 64) if np.all(np.ceil(base / s) * s == values)), 0)
-            if step == 0:
-                # Padded in some variants only (ONNX Runtime picks NCHWc kernels by width): the
-                # count is either exact or padded to one block size. Model it unpadded; the fit
-                # absorbs the average cost, and the timings decide whether a step is worth keeping.
-                mixed = next((s for s in (2, 4, 8, 16, 32, 64)
-                              if np.all((values == base) | (np.ceil(base / s) * s == values))), 0)
-                if mixed == 0:
-                    continue
-                step, err = 1, float(np.mean(pad)) * 1e-3 + 0.1
-                cand = DimMap(group=g, scale=scale, step=1, step_source="none", block=mixed)
-                if best is None or err < best[0]:
-                    best = (err, cand)
-                continue
-        cand = DimMap(group=g, scale=scale, step=step, step_source="shape" if step > 1 else "none")
+        cand = _padding(g, scale, base, values)
+        if cand is None:
+            continue
+        # Prefer exact ties, then the least padding; a count padded at some widths only ranks last.
+        err = float(np.mean(pad)) * 1e-3 + (0.1 if cand.block > 1 else 0.0)
         if best is None or err < best[0]:
             best = (err, cand)
     if best is None:  # follows no single group (a concat, say): model it as its widest width

@@ -32,7 +32,7 @@ from compressor.job_config import JobConfig
 from compressor.errors import BadInput
 from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cache_dir,
                                           check_table_matches, key_digest, load_table_file, save_table, table_key)
-from compressor.latency_table import CorrectedLatency, LatencyModel, LatencyTable
+from compressor.latency_table import CorrectedLatency, LatencyModel
 from compressor.target_export import export_for_target
 from compressor.model_loading import build_model, check_input_shape, load_weights
 from compressor.pruning import apply_plan, save_pruned
@@ -42,7 +42,7 @@ from compressor.training import evaluate, finetune_with_distillation, recalibrat
 from deploy.backends import backend_for_profile
 from deploy.backends.base import Backend, Measurement
 from deploy.errors import DeviceUnavailable
-from deploy.onnx_export import check_parity, export_onnx
+from deploy.onnx_export import check_parity
 from deploy.profiles import TargetProfile, load_profile
 from deploy.sidecar import deployment_sidecar, write_sidecar
 from deploy.target_check import check_target_available
@@ -351,7 +351,7 @@ def predicted_label(model: LatencyModel) -> str:
 
 
 def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, ranking: ChannelRanking, budget_ms: float,
-                   baseline_ms: float, workdir: Path, latency_model: LatencyModel) -> SearchResult:
+                   workdir: Path, latency_model: LatencyModel) -> SearchResult:
     """The closed loop for a latency budget: solve on the latency model, prune, build, measure, correct.
 
     Each iteration solves against the model corrected by the last measurement (CorrectedLatency),
@@ -460,18 +460,14 @@ def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path) -> tuple[str
     this host only predicts)."""
     if ctx.backend is None:
         return None, None
-    engine: str | None = None
-    shape = (ctx.batch_size, *ctx.input_shape)
-    if ctx.backend.engine_suffix:
+    built: Path | None = None
+    if ctx.backend.engine_suffix:  # TensorRT: model.engine; torch-cuda: model.pt2
         with ctx.console.stage(f"building the {ctx.backend.name} engine"):
-            path = ctx.backend.build_engine(onnx_path, onnx_path.with_suffix(ctx.backend.engine_suffix), shape)
-        engine = path.name if path else None
-    elif getattr(ctx.backend, "needs_torch_program", False):
-        engine = onnx_path.with_suffix(".pt2").name  # written next to the ONNX by export_for_target
+            built = ctx.backend.build_engine(onnx_path, onnx_path.with_suffix(ctx.backend.engine_suffix),
+                                             (ctx.batch_size, *ctx.input_shape))
     with ctx.console.stage("measuring the compressed model on the target"):
-        measured = measure_onnx(ctx, onnx_path.with_suffix(ctx.backend.engine_suffix) if engine and
-                                ctx.backend.engine_suffix else onnx_path, "compressed")
-    return engine, measured
+        measured = measure_onnx(ctx, built or onnx_path, "compressed")
+    return (built.name if built else None), measured
 
 
 def onnx_accuracy(ctx: JobContext, onnx_path: Path) -> float:
@@ -590,20 +586,18 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                                                    "rank_samples": settings.rank_samples}}
                 ctx.run.save_stage("importance", {"scores": importance_scores, "details": importance_details})
             ctx.timings["importance"] += time.perf_counter() - t
-        cached = ctx.run.load_stage("search")
-        if cached and budget_kind == "latency_ms" and latency_model is None:
+        if budget_kind == "latency_ms" and latency_model is None:  # the report describes it on resume too
             latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
+        cached = ctx.run.load_stage("search")
         if cached:
             search = SearchResult(cached["keep"], cached["loop"], cached["feasible"],
                                   cached["smallest_latency_ms"], cached["message"], cached.get("solver"))
         else:
             ranking.prepare()  # with its own progress: the loop's trial plans run inside the search stage
             if budget_kind == "latency_ms":
-                if latency_model is None:
-                    latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
                 with console.stage("searching for a plan that fits the budget on the target"):
                     search = search_latency(ctx, groups, cost_model, importance_scores, ranking, budget_value,
-                                            baseline_ms, workdir, latency_model)
+                                            workdir, latency_model)
             else:
                 search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
         ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,

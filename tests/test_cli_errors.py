@@ -187,7 +187,7 @@ def test_gpu_target_not_on_this_host(capsys, tmp_path, target):
     out = tmp_path / "run"
     line = run_cli(capsys, *job(out, "--target", target))
     assert "TensorRT" in line  # what is missing
-    assert f"edge-compressor:" in line and f"--target {name}" in line  # and how to run it on the device instead
+    assert "edge-compressor:" in line and f"--target {name}" in line  # and how to run it on the device instead
     if not detect_host().gpu_names and detect_host().jetson_model is None:
         assert "Run on the device" in line
     assert not out.exists()

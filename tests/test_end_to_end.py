@@ -18,7 +18,6 @@ from compressor import load_pruned_model
 from compressor.cli import main
 from compressor.data import load_data
 from compressor.data.shapes import generate_shapes
-from compressor.model_loading import build_model, load_weights
 from compressor.training import evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -197,12 +197,14 @@ class Backend(abc.ABC):
         x = fixed_input(shape, seed)
         runner.run(x)  # fail on a bad model before the timed loop, with the backend's own error
 
+        extra: dict[str, Any] = {}
+
         def attempt() -> tuple[LatencyStats, dict[str, Any]]:
             with TelemetrySampler(telemetry, telemetry_interval_s, sysfs_root=sysfs_root or "/sys",
                                   expected_power_mode=expected_power_mode, nvpmodel=nvpmodel) as sampler:
-                stats = measure_callable(
-                    lambda: runner.run(x), warmup=warmup, iterations=iterations, max_cv=max_cv, retries=retries
-                )
+                stats, more = self.time_runner(runner, x, warmup=warmup, iterations=iterations, max_cv=max_cv,
+                                               retries=retries)
+            extra.update(more)
             return stats, sampler.result()
 
         stats, result = attempt()
@@ -216,7 +218,18 @@ class Backend(abc.ABC):
             if result.get("throttled"):
                 log.warning("measurement of %s throttled again (%s); kept and flagged", Path(onnx_path).name,
                             "; ".join(result.get("reasons", [])) or "no reason given")
-        settings = {**runner.settings, "input_shape": list(shape), "input_seed": seed}
+        settings = {**runner.settings, **extra, "input_shape": list(shape), "input_seed": seed}
         return Measurement(
             latency=stats, backend=self.name, device=self.device_name(), settings=settings, telemetry=result
         )
+
+    def time_runner(self, runner: Any, x: np.ndarray, *, warmup: int, iterations: int, max_cv: float,
+                    retries: int) -> tuple[LatencyStats, dict[str, Any]]:
+        """The timed runs of one measurement attempt: (statistics, extra settings for the report).
+
+        The shared harness around `runner.run(x)` (wall clock); a backend with a better clock for
+        its device (CUDA events) overrides this, and keeps the rest of `measure`: validation,
+        telemetry and the throttle re-take."""
+        stats = measure_callable(lambda: runner.run(x), warmup=warmup, iterations=iterations, max_cv=max_cv,
+                                 retries=retries)
+        return stats, {}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import run_in_batches, Backend, LayerProfile, LayerTime, check_input_shape, fixed_input
+from deploy.backends.base import Backend, LayerProfile, LayerTime, check_input_shape, fixed_input, run_in_batches
 from deploy.cpu_info import cpu_model, physical_cores
 from deploy.errors import BadInput
 from deploy.harness import measure_callable

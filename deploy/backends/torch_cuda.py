@@ -29,12 +29,11 @@ import torch
 
 from deploy.atomic_io import atomic_path
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import run_in_batches, Backend, LayerProfile, LayerTime, Measurement, check_input_shape, fixed_input
+from deploy.backends.base import Backend, LayerProfile, LayerTime, check_input_shape, fixed_input, run_in_batches
 from deploy.cpu_info import cpu_model
 from deploy.errors import BadInput, DeviceUnavailable
 from deploy.harness import measure_callable
 from deploy.latency_stats import LatencyStats, summarise
-from deploy.telemetry import TelemetrySampler
 from deploy.torch_program import ProgramInfo, open_program, read_program_info
 
 log = logging.getLogger("deploy.backends.torch_cuda")
@@ -340,29 +339,13 @@ class TorchCudaBackend(Backend):
         return runner, xt, shape
 
     # -- measuring -------------------------------------------------------------------------
-    def measure(
-        self,
-        onnx_path: str | os.PathLike,
-        input_shape: tuple[int, ...],
-        *,
-        warmup: int,
-        iterations: int,
-        max_cv: float = 0.1,
-        retries: int = 1,
-        seed: int = 0,
-        telemetry: str = "none",
-        expected_power_mode: str | None = None,
-    ) -> Measurement:
-        """Latency of one inference: CUDA-event statistics on CUDA (wall clock in
-        `settings["wall_clock_latency_ms"]`), wall clock on the CPU device."""
-        runner, xt, shape = self._prepared(onnx_path, input_shape, seed)
-        with TelemetrySampler(telemetry, expected_power_mode=expected_power_mode) as sampler:
-            head, wall = _timed(runner, xt, warmup=warmup, iterations=iterations, max_cv=max_cv, retries=retries)
-        settings = {**runner.settings, "input_shape": list(shape), "input_seed": seed}
-        if runner.is_cuda:
-            settings["wall_clock_latency_ms"] = wall.to_report()
-        return Measurement(latency=head, backend=self.name, device=self.device_name(), settings=settings,
-                           telemetry=sampler.result())
+    def time_runner(self, runner: TorchRunner, x: np.ndarray, *, warmup: int, iterations: int, max_cv: float,
+                    retries: int) -> tuple[LatencyStats, dict[str, Any]]:
+        """CUDA-event statistics on CUDA (wall clock in `settings["wall_clock_latency_ms"]`), wall
+        clock on the CPU device. The input is copied to the device once, outside the timing."""
+        head, wall = _timed(runner, runner.prepare(x), warmup=warmup, iterations=iterations, max_cv=max_cv,
+                            retries=retries)
+        return head, ({"wall_clock_latency_ms": wall.to_report()} if runner.is_cuda else {})
 
     def profile_layers(
         self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...], *, warmup: int = 10, runs: int = 50
