@@ -6,8 +6,9 @@ ITPruner solves it with SLSQP, rounds, and ignores ``res.success``; here
 
 1. SLSQP runs from a feasible start (the widest uniform ratio that fits) and its answer is
    used only when it reports success *and* is feasible;
-2. every continuous answer is snapped to the channel grid (multiples of ``alignment``,
-   never 0, at least the group's minimum; the full width is always allowed) and
+2. every continuous answer is snapped to the channel grid (``alignment``: a step, or the
+   target's `ChannelGrid`; never 0, at least the group's minimum; the full width is always
+   allowed) and
    *repaired*: steps are removed greedily (least importance lost per cost saved) until the
    plan fits, then added greedily (most importance per cost) while it still fits, so the
    plan uses the budget instead of wasting the rounding slack;
@@ -29,6 +30,7 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from compressor.channel_grid import ChannelGrid, as_grids
 from compressor.errors import BadInput
 
 __all__ = ["MIN_BUDGET_USE", "Allocation", "solve_allocation", "uniform_allocation"]
@@ -69,18 +71,11 @@ class Allocation:
 class _Grid:
     """Allowed channel counts per group and the plan as one grid index per group."""
 
-    def __init__(self, channels: np.ndarray, prunable: np.ndarray, lows: np.ndarray, alignment: np.ndarray):
+    def __init__(self, channels: np.ndarray, prunable: np.ndarray, lows: np.ndarray, grids: list[ChannelGrid]):
         self.channels = channels
-        self.values: list[np.ndarray] = []
-        for c, p, lo, alignment in zip(channels.tolist(), prunable.tolist(), lows.tolist(), alignment.tolist()):
-            if not p:
-                vals = np.array([c], dtype=np.int64)
-            else:
-                first = int(math.ceil(lo / alignment)) * alignment
-                vals = np.arange(first, c + 1, alignment, dtype=np.int64)
-                if vals.size == 0 or vals[-1] != c:
-                    vals = np.append(vals, c)  # full width is always valid, aligned or not
-            self.values.append(vals)
+        self.values: list[np.ndarray] = [
+            grid.widths(c, lo) if p else np.array([c], dtype=np.int64)
+            for c, p, lo, grid in zip(channels.tolist(), prunable.tolist(), lows.tolist(), grids)]
         self.last = np.array([v.size - 1 for v in self.values], dtype=np.int64)
 
     def counts(self, pos: np.ndarray) -> np.ndarray:
@@ -390,7 +385,7 @@ def _greedy(prob: _Problem) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, prunable: Sequence[bool],
-              budget: float, alignment: int, min_keep: Sequence[int] | None,
+              budget: float, alignment: Any, min_keep: Sequence[int] | None,
               min_keep_ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     size = len(names)
     if size == 0:
@@ -411,9 +406,13 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
         raise BadInput("solve_allocation: importance scores must be finite and >= 0")
     if not (isinstance(budget, (int, float, np.integer, np.floating)) and math.isfinite(budget) and budget > 0):
         raise BadInput(f"solve_allocation: the budget must be a positive number, got {budget!r}")
-    steps = np.broadcast_to(np.asarray(alignment), (size,)) if np.ndim(alignment) == 0 else np.asarray(alignment)
-    if steps.shape != (size,) or np.any(np.mod(steps, 1) != 0) or np.any(steps < 1):
-        raise BadInput(f"solve_allocation: alignment must be a positive integer or one per group, got {alignment!r}")
+    try:
+        grids = as_grids(alignment, size)
+    except (TypeError, ValueError):
+        grids = []
+    if len(grids) != size or any(g.step < 1 or g.free_below < 0 for g in grids):
+        raise BadInput(f"solve_allocation: alignment must be a positive integer or channel grid, or one per group, "
+                       f"got {alignment!r}")
     if not (0.0 <= min_keep_ratio <= 1.0):
         raise BadInput(f"solve_allocation: min_keep_ratio must be in [0, 1], got {min_keep_ratio}")
     mk = np.ones(size, dtype=np.int64) if min_keep is None else np.asarray(min_keep, dtype=np.int64)
@@ -425,13 +424,9 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
     return ch, imp, np.asarray(prunable, dtype=bool), lows
 
 
-def _steps(alignment: Any, size: int) -> np.ndarray:
-    """One channel step per group, from a single alignment or a per-group list."""
-    return np.broadcast_to(np.asarray(alignment, dtype=np.int64), (size,)).copy()
-
-
 def solve_allocation(names: list[str], channels: list[int], importance: list[float] | np.ndarray,
-                     prunable: list[bool], cost_fn: CostFn, budget: float, *, alignment: int | Sequence[int] = 1,
+                     prunable: list[bool], cost_fn: CostFn, budget: float, *,
+                     alignment: int | ChannelGrid | Sequence[int | ChannelGrid] = 1,
                      min_keep: list[int] | None = None, min_keep_ratio: float = 0.05,
                      cost_grad: Callable[[np.ndarray], np.ndarray] | None = None,
                      utility: str = "linear") -> Allocation:
@@ -444,9 +439,10 @@ def solve_allocation(names: list[str], channels: list[int], importance: list[flo
 
     ``cost_fn``/``cost_grad`` take channel counts (float arrays, one entry per group);
     ``cost_grad`` (optional, e.g. a + (Q + Qᵀ) k for a quadratic cost) spares SLSQP the
-    finite differences. Each prunable group keeps a multiple of ``alignment`` (one step for
-    all groups, or one per group: the latency table's measured staircase) or its full width, and at least max(1, min_keep[g], ceil(min_keep_ratio * C_g)); non-prunable
-    groups stay full. When even the smallest plan exceeds the budget the result has
+    finite differences. Each prunable group keeps a count on its channel grid (``alignment``:
+    one step or `ChannelGrid` for all groups, or one per group, e.g. the latency table's
+    measured staircase) or its full width, and at least max(1, min_keep[g],
+    ceil(min_keep_ratio * C_g)); non-prunable groups stay full. When even the smallest plan exceeds the budget the result has
     ``success=False`` and that smallest plan; the caller decides what to do.
     """
     # A few dozen variables gain nothing from BLAS threads, and on a busy machine OpenBLAS's
@@ -461,7 +457,7 @@ def _solve(names, channels, importance, prunable, cost_fn, budget, *, alignment,
     start = time.perf_counter()
     ch, imp, prun, lows = _validate(names, channels, importance, prunable, budget, alignment,
                                     min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, _steps(alignment, len(ch)))
+    grid = _Grid(ch, prun, lows, as_grids(alignment, len(ch)))
     movable = grid.last > 0
     peak = float(imp[prun].max()) if prun.any() else 0.0
     weights = np.where(prun, imp / peak if peak > 0 else 1.0, 0.0)
@@ -517,7 +513,8 @@ def _solve(names, channels, importance, prunable, cost_fn, budget, *, alignment,
 
 
 def uniform_allocation(names: list[str], channels: list[int], prunable: list[bool], cost_fn: CostFn,
-                       budget: float, *, alignment: int = 1, min_keep: list[int] | None = None,
+                       budget: float, *, alignment: int | ChannelGrid | Sequence[int | ChannelGrid] = 1,
+                       min_keep: list[int] | None = None,
                        min_keep_ratio: float = 0.05,
                        importance: list[float] | np.ndarray | None = None) -> Allocation:
     """The baseline: the widest single keep ratio (aligned, floored) whose plan fits.
@@ -529,7 +526,7 @@ def uniform_allocation(names: list[str], channels: list[int], prunable: list[boo
     imp_in = np.ones(len(names)) if importance is None else importance
     ch, imp, prun, lows = _validate(names, channels, imp_in, prunable, budget, alignment,
                                     min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, _steps(alignment, len(ch)))
+    grid = _Grid(ch, prun, lows, as_grids(alignment, len(ch)))
     movable = grid.last > 0
     prob = _Problem(grid, np.where(prun, 1.0, 0.0), cost_fn, float(budget))
     pos, r = _uniform_grid_plan(prob, movable)

@@ -1,11 +1,10 @@
 """Build the latency model on the target: prune width variants, build them, profile them, fit.
 
 Variants: the full network, the smallest plan the job allows, and random plans in between
-(every group at its own random width, on the profile's channel grid, so the fit sees the
-widths the solver will ask about, unaligned ones included where the grid allows them). Each is
-exported, built by the backend, profiled per layer (when the backend can) and measured end to end.
-The variant count is the build budget: 12 + 2 by default, under the 20 engine builds a Jetson run
-can afford for a ResNet-50-sized model.
+(every group at its own random width, on the target's channel grid, so the fit sees the
+widths the solver will ask about). Each is exported, built by the backend, profiled per layer
+(when the backend can) and measured end to end. The variant count is the build budget: 18 + 2 by
+default, the 20 engine builds a Jetson run can afford for a ResNet-50-sized model.
 
 Tables are cached on disk, keyed by the network's architecture, the target, backend and versions,
 precision, batch and input shape, so a second job on the same model and device reuses the table.
@@ -18,7 +17,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from compressor.channel_grid import ChannelGrid
 from compressor.channel_ranking import select_top
 from compressor.cost_model import CostModel
 from compressor.errors import BadInput
@@ -49,6 +49,7 @@ class TableRequest:
     batch_size: int
     input_shape: tuple[int, int, int]
     backend_settings: dict[str, Any]
+    grid: ChannelGrid = field(default_factory=ChannelGrid)  # the channel counts variants are drawn from
     variants: int = DEFAULT_VARIANTS
     warmup: int = 10
     runs: int = 50  # profiled runs per variant (each layer's time is over these)
@@ -69,7 +70,7 @@ def table_key(model: torch.nn.Module, backend: Backend, request: TableRequest) -
             "backend": backend.name, "backend_versions": backend.versions(), "device": backend.device_name(),
             "backend_settings": request.backend_settings, "precision": request.precision,
             "batch_size": int(request.batch_size), "input_shape": [int(d) for d in request.input_shape],
-            "variants": int(request.variants)}
+            "variants": int(request.variants), "grid": request.grid.to_dict()}
 
 
 def key_digest(key: dict[str, Any]) -> str:
@@ -107,9 +108,9 @@ def check_table_matches(model: LatencyModel, key: dict[str, Any], *, source: str
             raise BadInput(f"{source} was measured for {field_name} {got!r}, this job needs {want!r}")
 
 
-def variant_plans(cost_model: CostModel, groups: list[PrunableGroup], min_keep: list[int], alignment: list[int],
+def variant_plans(cost_model: CostModel, groups: list[PrunableGroup], min_keep: list[int], grid: ChannelGrid,
                   n_random: int, seed: int) -> list[np.ndarray]:
-    """Full, smallest, then `n_random` plans with per-group widths spread over [minimum, full]."""
+    """Full, smallest, then `n_random` plans with per-group widths spread over [minimum, full], on `grid`."""
     full = cost_model.full_keep.astype(np.int64)
     lows = np.array(min_keep, dtype=np.int64)
     prunable = np.array([g.prunable for g in groups])
@@ -119,8 +120,7 @@ def variant_plans(cost_model: CostModel, groups: list[PrunableGroup], min_keep: 
         level = (i + 0.5) / n_random  # overall width spread evenly, each group jittered around it
         ratio = np.clip(level + rng.normal(0.0, 0.2, size=len(full)), 0.0, 1.0)
         k = lows + ratio * (full - lows)
-        step = np.array(alignment, dtype=np.int64)
-        k = np.clip(np.round(k / step) * step, lows, full).astype(np.int64)
+        k = np.array([grid.snap(x, c, lo) for x, c, lo in zip(k, full, lows)], dtype=np.int64)
         plans.append(np.where(prunable, k, full))
     return plans
 
@@ -135,14 +135,15 @@ def prune_to(model: torch.nn.Module, example_input: torch.Tensor, groups: list[P
 
 def build_latency_model(model: torch.nn.Module, example_input: torch.Tensor, groups: list[PrunableGroup],
                         cost_model: CostModel, backend: Backend, request: TableRequest, workdir: Path, *,
-                        min_keep: list[int], alignment: list[int],
+                        min_keep: list[int],
                         progress: Callable[[str], None] | None = None) -> tuple[LatencyModel, list[VariantSample]]:
     """Profile the variants on `backend` and fit the per-layer table (or the whole-network fallback)."""
     started = time.perf_counter()
     names = cost_model.group_names
     shape = (request.batch_size, *request.input_shape)
     samples: list[VariantSample] = []
-    plans = variant_plans(cost_model, groups, min_keep, alignment, request.variants, request.seed)
+    grid = request.grid
+    plans = variant_plans(cost_model, groups, min_keep, grid, request.variants, request.seed)
     workdir.mkdir(parents=True, exist_ok=True)
     per_layer = True
     for i, keep in enumerate(plans):
@@ -166,13 +167,14 @@ def build_latency_model(model: torch.nn.Module, example_input: torch.Tensor, gro
                   "build_seconds": round(time.perf_counter() - started, 2), "variants": len(samples),
                   "profiler": samples[0].profile.source if per_layer else None}
     channels = [int(c) for c in cost_model.full_keep]
+    p0, pa, pq = cost_model.quadratic_form("params")
     if per_layer:
-        table: LatencyModel = fit_latency_table(names, channels, samples, provenance=provenance, key=key)
+        table: LatencyModel = fit_latency_table(names, channels, samples, provenance=provenance, key=key, grid=grid,
+                                                params_form={"c0": p0, "a": pa, "q": pq})
     else:
         c0, a, q = cost_model.quadratic_form("macs")
-        p0, pa, pq = cost_model.quadratic_form("params")
         table = fit_whole_network(names, channels, samples, {"c0": c0, "a": a, "q": q}, {"c0": p0, "a": pa, "q": pq},
-                                  provenance=provenance, key=key)
+                                  provenance=provenance, key=key, grid=grid)
     table.fit["measured"] = [{"keep": s.keep, "measured_ms": s.total_ms, "predicted_ms": table.predict(s.keep)}
                              for s in samples]
     return table, samples

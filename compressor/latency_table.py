@@ -30,10 +30,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from compressor.channel_grid import ChannelGrid
 from compressor.errors import BadInput
 from deploy.backends.base import LayerProfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tables record the channel grid their variants were drawn on
 # Layout conversions the runtime inserts around kernels (ORT NCHWc reorders, TensorRT reformats):
 # their time belongs to the layer before them.
 _LAYOUT_OPS = ("reorder", "reformat", "copy", "shuffle")
@@ -260,15 +261,18 @@ def _identify(observed: list[int | None], keeps: np.ndarray) -> DimMap:
     return best[1]
 
 
-def _fit_layer(features: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, float]:
-    """Non-negative least squares (latency never falls as channels grow); (coef, squared error).
+def _fit_layer(features: np.ndarray, times: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative weighted least squares (latency never falls as channels grow); (coef, weighted
+    squared error). Each variant's row is weighted by 1 / its end-to-end latency, so a layer's
+    error counts as a share of the plan it sits in, which is what the table's MAPE measures.
 
     Columns are scaled to unit norm first so the solve is well conditioned."""
-    norms = np.linalg.norm(features, axis=0)
+    fw, tw = features * weights[:, None], times * weights
+    norms = np.linalg.norm(fw, axis=0)
     norms[norms == 0] = 1.0
-    coef, _ = nnls(features / norms, times)
+    coef, _ = nnls(fw / norms, tw)
     coef = coef / norms
-    resid = features @ coef - times
+    resid = fw @ coef - tw
     return coef, float(resid @ resid)
 
 
@@ -279,8 +283,13 @@ class LatencyTable:
 
     def __init__(self, group_names: list[str], channels: list[int], layers: list[LayerModel], alpha: float,
                  beta: float, *, provenance: dict[str, Any] | None = None, key: dict[str, Any] | None = None,
-                 fit: dict[str, Any] | None = None):
+                 fit: dict[str, Any] | None = None, grid: ChannelGrid | None = None,
+                 memory: dict[str, Any] | None = None):
         self.group_names = list(group_names)
+        self.grid = grid or ChannelGrid()  # the grid the variants were drawn on: where the table is valid
+        # Whole-network term for weights that no longer fit the cache: {"params": quadratic form of the
+        # parameter count, "threshold_params", "ms_per_param"}; None where the variants showed none.
+        self.memory = memory
         self.channels = [int(c) for c in channels]
         self.layers = layers
         self.alpha, self.beta = float(alpha), float(beta)
@@ -318,7 +327,11 @@ class LatencyTable:
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
         """Predicted end-to-end median latency (ms) of the network pruned to `keep` channels per group."""
-        return float(self.alpha * self.layer_times(keep).sum() + self.beta)
+        total = self.alpha * self.layer_times(keep).sum() + self.beta
+        if self.memory:
+            params = _quad(self.memory["params"], np.asarray(keep, dtype=float))
+            total += self.memory["ms_per_param"] * max(params - self.memory["threshold_params"], 0.0)
+        return float(total)
 
     def group_steps(self) -> dict[str, dict[str, Any]]:
         """The alignment staircase per group: the step its layers run at, and where that was seen."""
@@ -334,21 +347,25 @@ class LatencyTable:
             out[name] = {"step": int(step), "layers": len(seen), "source": "+".join(sources)}
         return out
 
-    def alignment_for_solver(self, base: int) -> list[int]:
-        """Per-group channel step for the solver: the measured step where one was found (and it leaves
-        the group something to choose), else the profile's alignment."""
+    def grids_for_solver(self, base: ChannelGrid) -> list[ChannelGrid]:
+        """Per-group channel grid for the solver: `base` (the target's grid), coarsened to the step the
+        table measured for a group where that is coarser and still leaves the group a choice."""
         steps = self.group_steps()
         out = []
         for name, c in zip(self.group_names, self.channels):
-            step = steps.get(name, {}).get("step", 1)
-            out.append(int(step) if base < step < c else int(base))
+            found = steps.get(name, {})
+            step = int(found.get("step", 1))
+            coarse = base.with_step(step, f"latency table ({found.get('source')})") if step > 1 else base
+            out.append(coarse if coarse.step > base.step and coarse.step < c else base)
         return out
 
     # -- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
                 "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
-                "alpha": self.alpha, "beta": self.beta, "fit": self.fit, "group_steps": self.group_steps(),
+                "grid": self.grid.to_dict(), "alpha": self.alpha, "beta": self.beta, "memory": _plain_memory(self.memory),
+                "fit": self.fit,
+                "group_steps": self.group_steps(),
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
@@ -359,13 +376,15 @@ class LatencyTable:
         try:
             names = [g["name"] for g in data["groups"]]
             channels = [int(g["channels"]) for g in data["groups"]]
+            grid = ChannelGrid.from_dict(data.get("grid"))
             if data["kind"] == WholeNetworkModel.kind:
                 return WholeNetworkModel(names, channels, data["coef"], data["macs"], data["params"],
-                                         provenance=data.get("provenance"), key=data.get("key"), fit=data.get("fit"))
+                                         provenance=data.get("provenance"), key=data.get("key"), fit=data.get("fit"),
+                                         grid=grid)
             layers = [LayerModel(name=lt["name"], op=lt["op"], cin=DimMap(**lt["cin"]), cout=DimMap(**lt["cout"]),
                                  coef=[float(c) for c in lt["coef"]]) for lt in data["layers"]]
             return cls(names, channels, layers, data["alpha"], data["beta"], provenance=data.get("provenance"),
-                       key=data.get("key"), fit=data.get("fit"))
+                       key=data.get("key"), fit=data.get("fit"), grid=grid, memory=data.get("memory"))
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"latency table is malformed ({type(exc).__name__}: {exc})") from None
 
@@ -378,36 +397,46 @@ class WholeNetworkModel:
     kind = "whole-network"
 
     def __init__(self, group_names: list[str], channels: list[int], coef: Sequence[float], macs: dict, params: dict,
-                 *, provenance: dict | None = None, key: dict | None = None, fit: dict | None = None):
+                 *, provenance: dict | None = None, key: dict | None = None, fit: dict | None = None,
+                 grid: ChannelGrid | None = None):
         self.group_names, self.channels = list(group_names), [int(c) for c in channels]
+        self.grid = grid or ChannelGrid()
         self.coef = np.asarray(coef, dtype=float)
         self.macs, self.params = macs, params  # {"c0", "a", "q"} quadratic forms
         self.provenance, self.key, self.fit = dict(provenance or {}), dict(key or {}), dict(fit or {})
 
-    @staticmethod
-    def _quad(form: dict, k: np.ndarray) -> float:
-        return float(form["c0"] + np.dot(form["a"], k) + k @ np.asarray(form["q"]) @ k)
-
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
         k = np.asarray(keep, dtype=float)
-        return float(self.coef @ np.array([1.0, self._quad(self.macs, k), self._quad(self.params, k)]))
+        return float(self.coef @ np.array([1.0, _quad(self.macs, k), _quad(self.params, k)]))
 
     def group_steps(self) -> dict[str, dict[str, Any]]:
         return {}
 
-    def alignment_for_solver(self, base: int) -> list[int]:
-        return [int(base)] * len(self.group_names)
+    def grids_for_solver(self, base: ChannelGrid) -> list[ChannelGrid]:
+        return [base] * len(self.group_names)
 
     def to_dict(self) -> dict[str, Any]:
-        def plain(form: dict) -> dict:
-            return {"c0": float(form["c0"]), "a": np.asarray(form["a"]).tolist(), "q": np.asarray(form["q"]).tolist()}
-
+        plain = _plain_form
         return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
                 "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
-                "coef": self.coef.tolist(), "macs": plain(self.macs), "params": plain(self.params), "fit": self.fit}
+                "grid": self.grid.to_dict(), "coef": self.coef.tolist(), "macs": plain(self.macs),
+                "params": plain(self.params), "fit": self.fit}
 
 
 LatencyModel = LatencyTable | WholeNetworkModel
+
+
+def _quad(form: dict, k: np.ndarray) -> float:
+    """c0 + a.k + k'Qk: the cost model's exact MACs or parameter count of a plan."""
+    return float(form["c0"] + np.dot(form["a"], k) + k @ np.asarray(form["q"]) @ k)
+
+
+def _plain_form(form: dict) -> dict:
+    return {"c0": float(form["c0"]), "a": np.asarray(form["a"]).tolist(), "q": np.asarray(form["q"]).tolist()}
+
+
+def _plain_memory(memory: dict | None) -> dict | None:
+    return None if memory is None else {**memory, "params": _plain_form(memory["params"])}
 
 
 def _mape(predicted: Sequence[float], measured: Sequence[float]) -> float:
@@ -416,8 +445,12 @@ def _mape(predicted: Sequence[float], measured: Sequence[float]) -> float:
 
 
 def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequence[VariantSample], *,
-                      provenance: dict | None = None, key: dict | None = None, loo: bool = True) -> LatencyTable:
-    """Fit the per-layer model to profiled variants (the first should be the full-width network)."""
+                      provenance: dict | None = None, key: dict | None = None, loo: bool = True,
+                      grid: ChannelGrid | None = None, params_form: dict | None = None) -> LatencyTable:
+    """Fit the per-layer model to profiled variants (the first should be the full-width network).
+
+    `params_form` (the cost model's parameter count as a quadratic form) lets the calibration add
+    a whole-network memory term where the variants show one (see `_calibrate`)."""
     if len(samples) < 5:
         raise BadInput(f"a latency table needs at least 5 profiled variants, got {len(samples)}")
     if any(s.profile is None or not s.profile.layers for s in samples):
@@ -427,11 +460,12 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
     positions = _aligned_positions(samples, overhead)
     layers = [LayerModel(p.name, p.op, _identify(p.cin, keeps), _identify(p.cout, keeps)) for p in positions]
     times = np.stack([p.times for p in positions])  # [L, V]
+    totals = np.array([s.total_ms for s in samples])
 
     def fit_all(layer_idx: Sequence[int], rows: np.ndarray) -> float:
         err = 0.0
         for i in layer_idx:
-            coef, e = _fit_layer(layers[i].features(keeps[rows]), times[i, rows])
+            coef, e = _fit_layer(layers[i].features(keeps[rows]), times[i, rows], 1.0 / totals[rows])
             layers[i].coef = coef.tolist()
             err += e
         return err
@@ -440,18 +474,15 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
     fit_all(range(len(layers)), all_rows)
     _adopt_hidden_steps(layers, keeps, times, fit_all, all_rows)
 
-    def calibrate(rows: np.ndarray) -> tuple[float, float]:
-        # beta may be negative: the profiler adds a fixed overhead to every layer it times.
-        sums = np.array([sum(layer.predict(keeps[v]) for layer in layers) for v in rows])
-        totals = np.array([samples[v].total_ms for v in rows])
-        a = np.stack([sums, np.ones_like(sums)], axis=1)
-        (alpha, beta), *_ = np.linalg.lstsq(a, totals, rcond=None)
-        if not alpha > 0:  # degenerate (all variants alike): fall back to a pure ratio
-            alpha, beta = float(totals.sum() / max(sums.sum(), 1e-12)), 0.0
-        return float(alpha), float(beta)
+    params = np.array([s.params for s in samples], dtype=float)
 
-    alpha, beta = calibrate(all_rows)
-    table = LatencyTable(group_names, channels, layers, alpha, beta, provenance=provenance, key=key)
+    def calibrate(rows: np.ndarray) -> tuple[float, float, dict | None]:
+        sums = np.array([sum(layer.predict(keeps[v]) for layer in layers) for v in rows])
+        return _calibrate(sums, totals[rows], params[rows], params_form)
+
+    alpha, beta, memory = calibrate(all_rows)
+    table = LatencyTable(group_names, channels, layers, alpha, beta, provenance=provenance, key=key, grid=grid,
+                         memory=memory)
     measured = [s.total_ms for s in samples]
     fit = {"variants": len(samples), "layers": len(layers), "profiler_overhead_ms_per_layer": overhead,
            "in_sample_mape_pct": _mape([table.predict(k) for k in keeps], measured),
@@ -462,14 +493,54 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
         for v in range(len(samples)):
             rows = np.delete(all_rows, v)
             fit_all(range(len(layers)), rows)
-            a, b = calibrate(rows)
-            preds.append(a * sum(layer.predict(keeps[v]) for layer in layers) + b)
+            a, b, mem = calibrate(rows)
+            extra = mem["ms_per_param"] * max(params[v] - mem["threshold_params"], 0.0) if mem else 0.0
+            preds.append(a * sum(layer.predict(keeps[v]) for layer in layers) + b + extra)
         for layer, coef in zip(layers, saved):
             layer.coef = coef
         fit["leave_one_out_mape_pct"] = _mape(preds, measured)
     table.fit = fit
     table._compile()
     return table
+
+
+def _calibrate(sums: np.ndarray, totals: np.ndarray, params: np.ndarray,
+               params_form: dict | None) -> tuple[float, float, dict | None]:
+    """total = alpha * (sum of layer predictions) + beta [+ gamma * max(params - threshold, 0)].
+
+    beta may be negative: the profiler adds a fixed overhead to every layer it times. Rows are
+    weighted by 1 / measured, so the fit minimises relative error: plans span 50x in latency, and
+    an absolute fit sacrifices the small ones (VGG-11's smallest plans came out negative).
+
+    The optional term is the memory cliff: once a plan's weights no longer fit the last-level
+    cache, every layer waits on DRAM, which no per-layer model sees (each layer's time depends on
+    what the others evicted). VGG-11 on the 2-core VM: 0.1 ms per MB of fp32 weights up to 14 MB,
+    0.14 above 22 MB (L3: 32 MB, shared). It is adopted, with the threshold at one of the variants'
+    parameter counts, only where it cuts the squared relative error by at least _STEP_GAIN.
+    """
+    w = 1.0 / totals
+
+    def solve(columns: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        a = np.stack(columns, axis=1) * w[:, None]
+        coef, *_ = np.linalg.lstsq(a, np.ones_like(totals), rcond=None)
+        resid = a @ coef - 1.0
+        return coef, float(resid @ resid)
+
+    ones = np.ones_like(sums)
+    (alpha, beta), base_err = solve([sums, ones])
+    if not alpha > 0:  # degenerate (all variants alike): fall back to a pure ratio
+        return float(totals.sum() / max(sums.sum(), 1e-12)), 0.0, None
+    best: tuple[float, np.ndarray, float] | None = None
+    if params_form is not None and len(totals) >= 6:
+        for threshold in np.unique(params)[1:-2]:  # at least two plans above the cliff, one below
+            coef, err = solve([sums, ones, np.maximum(params - threshold, 0.0)])
+            if coef[0] > 0 and coef[2] > 0 and (best is None or err < best[0]):
+                best = (err, coef, float(threshold))
+    if best is None or best[0] > (1 - _STEP_GAIN) * base_err:
+        return float(alpha), float(beta), None
+    _, (alpha, beta, gamma), threshold = best
+    return float(alpha), float(beta), {"params": params_form, "threshold_params": threshold,
+                                       "ms_per_param": float(gamma)}
 
 
 def _adopt_hidden_steps(layers: list[LayerModel], keeps: np.ndarray, times: np.ndarray, fit_all, rows) -> None:
@@ -497,17 +568,15 @@ def _adopt_hidden_steps(layers: list[LayerModel], keeps: np.ndarray, times: np.n
 
 def fit_whole_network(group_names: list[str], channels: list[int], samples: Sequence[VariantSample],
                       macs_form: dict, params_form: dict, *, provenance: dict | None = None,
-                      key: dict | None = None) -> WholeNetworkModel:
+                      key: dict | None = None, grid: ChannelGrid | None = None) -> WholeNetworkModel:
     """The fallback model from end-to-end measurements only."""
     if len(samples) < 3:
         raise BadInput(f"a whole-network latency model needs at least 3 measured variants, got {len(samples)}")
     feats = np.array([[1.0, s.macs, s.params] for s in samples])
     totals = np.array([s.total_ms for s in samples])
-    norms = np.linalg.norm(feats, axis=0)
-    norms[norms == 0] = 1.0
-    coef, _ = nnls(feats / norms, totals)
-    model = WholeNetworkModel(group_names, channels, coef / norms, macs_form, params_form,
-                              provenance=provenance, key=key)
+    coef, _ = _fit_layer(feats, totals, 1.0 / totals)  # the same relative-error fit as a layer's
+    model = WholeNetworkModel(group_names, channels, coef, macs_form, params_form,
+                              provenance=provenance, key=key, grid=grid)
     model.fit = {"variants": len(samples),
                  "in_sample_mape_pct": _mape([model.predict(s.keep) for s in samples], totals)}
     return model

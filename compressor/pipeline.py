@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from compressor.allocation import MIN_BUDGET_USE, Allocation, solve_allocation
+from compressor.channel_grid import ChannelGrid, as_grids
 from compressor.channel_plan import ChannelPlan
+from compressor.closed_loop import Trial, choose_plan, run_closed_loop
 from compressor.channel_game import ShapleyRanker
 from compressor.channel_ranking import channel_scores, select_top
 from compressor.console import StageConsole
@@ -32,7 +34,7 @@ from compressor.job_config import JobConfig
 from compressor.errors import BadInput
 from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cache_dir,
                                           check_table_matches, key_digest, load_table_file, save_table, table_key)
-from compressor.latency_table import CorrectedLatency, LatencyModel
+from compressor.latency_table import LatencyModel
 from compressor.target_export import export_for_target
 from compressor.model_loading import build_model, check_input_shape, load_weights
 from compressor.pruning import apply_plan, save_pruned
@@ -49,12 +51,6 @@ from deploy.target_check import check_target_available
 
 log = logging.getLogger("compressor")
 
-# The loop accepts a plan measured in [ACCEPT_LOW, ACCEPT_HIGH] x budget. The guard band below the
-# budget absorbs run-to-run drift of the median (1-2 % on a shared 2-core host), so the final
-# model, measured again after fine-tuning, still fits. The solver aims between the two.
-ACCEPT_LOW = 0.90
-ACCEPT_HIGH = 0.98
-AIM = 0.95
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
 
@@ -72,6 +68,7 @@ class JobContext:
     batch_size: int
     run: RunDirectory
     console: StageConsole
+    grid: ChannelGrid  # the channel counts the solver may choose on this target
     given_table: LatencyModel | None = None  # from --latency-table
     clocks: dict | None = None  # what --lock-clocks did
     timings: dict[str, float] = field(default_factory=lambda: {
@@ -125,10 +122,14 @@ def prepare_job(config: JobConfig, console: StageConsole) -> JobContext:
     model.eval()
     input_shape = (data.in_channels, *data.input_size)
     check_input_shape(model, input_shape)
+    if backend is not None:  # the kernels' own needs, found on this machine
+        grid = ChannelGrid.for_target(profile.channel_alignment, backend.kernel_alignment())
+    else:  # predicting for a device elsewhere: the grid the table was measured on there
+        grid = given_table.grid
     run.prepare()  # only now: a job that fails validation leaves --out untouched
     return JobContext(config=config, profile=profile, backend=backend, data=data, model=model,
                       input_shape=input_shape, batch_size=config.batch_size or profile.batch_size,
-                      run=run, console=console, given_table=given_table, clocks=clocks)
+                      run=run, console=console, grid=grid, given_table=given_table, clocks=clocks)
 
 
 def finish(ctx: JobContext, report: dict) -> dict:
@@ -172,17 +173,13 @@ class SearchResult:
     solver: dict | None = None  # how the last allocation was found (solver, budget use, status)
 
 
-def minimum_keep(groups: list[PrunableGroup], ratio: float, alignment: int | list[int]) -> list[int]:
-    """The smallest width each group may have: a ratio of its channels, aligned, never 0."""
-    steps = alignment if isinstance(alignment, list) else [alignment] * len(groups)
+def minimum_keep(groups: list[PrunableGroup], ratio: float,
+                 alignment: int | ChannelGrid | list[int | ChannelGrid]) -> list[int]:
+    """The smallest width each group may have: a ratio of its channels, on its grid, never 0."""
     counts = []
-    for g, alignment in zip(groups, steps):
-        if not g.prunable:
-            counts.append(g.channels)
-            continue
-        k = max(g.min_keep, math.ceil(ratio * g.channels), 1)
-        k = min(g.channels, math.ceil(k / alignment) * alignment)
-        counts.append(k)
+    for g, grid in zip(groups, as_grids(alignment, len(groups))):
+        low = max(g.min_keep, math.ceil(ratio * g.channels), 1)
+        counts.append(grid.minimum(g.channels, low) if g.prunable else g.channels)
     return counts
 
 
@@ -275,12 +272,12 @@ def solver_summary(allocation: Allocation) -> dict:
 
 
 def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_grad=None,
-           alignment: int | list[int] | None = None) -> Allocation:
+           alignment: list[ChannelGrid] | None = None) -> Allocation:
     started = time.perf_counter()
     allocation = solve_allocation(
         names=[g.name for g in groups], channels=[g.channels for g in groups],
         importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
-        cost_fn=cost_fn, budget=budget, alignment=ctx.profile.channel_alignment if alignment is None else alignment,
+        cost_fn=cost_fn, budget=budget, alignment=ctx.grid if alignment is None else alignment,
         min_keep=min_keep,
         min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility, cost_grad=cost_grad)
     ctx.timings["solve"] += time.perf_counter() - started
@@ -292,7 +289,7 @@ def table_request(ctx: JobContext) -> TableRequest:
     if ctx.backend is not None and hasattr(ctx.backend, "session_settings"):
         backend_settings.update(ctx.backend.session_settings())
     return TableRequest(target=ctx.profile.name, precision=ctx.profile.precision, batch_size=ctx.batch_size,
-                        input_shape=ctx.input_shape, backend_settings=backend_settings,
+                        input_shape=ctx.input_shape, backend_settings=backend_settings, grid=ctx.grid,
                         variants=ctx.config.latency_variants, warmup=ctx.warmup, runs=100,
                         iterations=ctx.iterations, seed=ctx.config.seed)
 
@@ -324,12 +321,11 @@ def obtain_latency_model(ctx: JobContext, groups: list[PrunableGroup], cost_mode
                 ctx.console.warn(f"ignoring the cached latency table {cached_path}: {exc}")
                 model = None
         if model is None:
-            alignment = [ctx.profile.channel_alignment] * len(groups)
-            min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
+            min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.grid)
             n = request.variants + 2
             with ctx.console.stage(f"latency table on the target ({n} width variants)", total=n) as advance:
                 model, _ = build_latency_model(ctx.model, ctx.example_input, groups, cost_model, ctx.backend, request,
-                                               workdir / "latency-variants", min_keep=min_keep, alignment=alignment,
+                                               workdir / "latency-variants", min_keep=min_keep,
                                                progress=lambda what: advance(1, what))
             info["source"] = "built on the target in this run"
             try:
@@ -358,10 +354,9 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     so a miss moves the next plan by the measured error. Predicted-only jobs (no device here) stop
     after the first solve: there is nothing to measure.
     """
-    alignment = latency_model.alignment_for_solver(ctx.profile.channel_alignment)
+    alignment = latency_model.grids_for_solver(ctx.grid)
     min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, alignment)
     min_keep_map = dict(zip(cost_model.group_names, min_keep))
-    corrected = CorrectedLatency(latency_model)
     min_vec = np.array(min_keep)
 
     # The smallest model this job can build bounds what any budget can reach. The table measured
@@ -383,70 +378,45 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
                             f"budget {budget_ms:.4g} ms is below the smallest model this job can build "
                             f"({how} {smallest_ms:.4g} ms at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
 
-    # (latency ms, keep, summary of the solve that produced it; None for the smallest plan)
-    tried: list[tuple[float, dict[str, int], dict | None]] = [(smallest_ms, min_keep_map, None)]
+    def solve(cost_fn, target_ms: float) -> Allocation:
+        return _solve(ctx, groups, importance, cost_fn, target_ms, min_keep, alignment=alignment)
 
-    def in_band(ms: float) -> bool:
-        return ACCEPT_LOW * budget_ms <= ms <= ACCEPT_HIGH * budget_ms
+    def measure(keep: dict[str, int], iteration: int) -> float:
+        pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(keep, refine=False))
+        return export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
+                                  f"iteration {iteration}").latency.median_ms
 
-    target_ms = AIM * budget_ms
-    for iteration in range(1, ctx.config.max_iterations + 1):
-        if any(in_band(t[0]) for t in tried[1:]):
-            break
-        allocation = _solve(ctx, groups, importance, corrected.predict, target_ms, min_keep, alignment=alignment)
-        if any(allocation.keep == t[1] for t in tried[1:]):
-            # The corrected model sends us back to a plan already measured: aim by that plan's miss instead.
-            previous = next(t for t in tried[1:] if t[1] == allocation.keep)
-            target_ms *= AIM * budget_ms / previous[0]
-            allocation = _solve(ctx, groups, importance, corrected.predict, target_ms, min_keep, alignment=alignment)
-        keep_vec = np.array([allocation.keep[n] for n in cost_model.group_names])
-        macs = cost_model.macs(keep_vec)
-        predicted, raw = corrected.predict(keep_vec), latency_model.predict(keep_vec)
-        entry = {"iteration": iteration, "predicted_latency_ms": predicted, "raw_predicted_latency_ms": raw,
-                 "correction_factor": corrected.factor, "measured_latency_ms": None, "macs": macs,
-                 "solver": allocation.solver}
+    def show(entry: dict) -> None:
+        if entry["measured_latency_ms"] is not None:
+            ctx.console.info(f"  iteration {entry['iteration']}: predicted {entry['predicted_latency_ms']:.4g} ms, "
+                             f"measured {entry['measured_latency_ms']:.4g} ms (budget {budget_ms:.4g} ms)")
+
+    trials = run_closed_loop(latency_model, budget_ms, cost_model.group_names, solve,
+                             None if ctx.predicted_only else measure, ctx.config.max_iterations,
+                             describe=lambda k: {"macs": cost_model.macs(k)}, on_iteration=show)
+    for t in trials:
         if ctx.predicted_only:
-            entry["note"] = predicted_label(latency_model)
-            tried.append((predicted, allocation.keep, solver_summary(allocation)))
-            loop.append(entry)
-            break
-        pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(allocation.keep, refine=False))
-        measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
-                                      f"iteration {iteration}").latency.median_ms
-        corrected.correct(keep_vec, measured)  # the next solve sees the model moved by this miss
-        entry.update({"measured_latency_ms": measured, "error_pct": 100.0 * (predicted - measured) / measured,
-                      "in_band": in_band(measured)})
-        tried.append((measured, allocation.keep, solver_summary(allocation)))
-        loop.append(entry)
-        ctx.console.info(f"  iteration {iteration}: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
-                         f"(budget {budget_ms:.4g} ms)")
-
-    # The widest plan inside the guard band; failing that, the widest within the budget.
-    guarded = [t for t in tried if t[0] <= ACCEPT_HIGH * budget_ms]
-    fitting = guarded or [t for t in tried if t[0] <= budget_ms]
-    latency, keep, solve = max(fitting, key=lambda t: t[0])
-    word = "predicted" if ctx.predicted_only else "measured"
-    message = "" if guarded else (f"the chosen plan {word} {latency:.4g} ms, inside the budget but within "
-                                  f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
-    if latency < ACCEPT_LOW * budget_ms:
-        message = (f"no plan {word} within [{ACCEPT_LOW:.0%}, {ACCEPT_HIGH:.0%}] of the budget in "
-                   f"{ctx.config.max_iterations} iterations; the widest plan that fits uses "
-                   f"{latency / budget_ms:.0%} of it (more --max-iterations may get closer)")
-    return SearchResult(keep, loop, True, smallest_ms, message, solve)
+            t.entry["note"] = predicted_label(latency_model)
+        loop.append(t.entry)
+    smallest = Trial(min_keep_map, smallest_ms, None, loop[0])
+    best, message = choose_plan([smallest, *trials], budget_ms, measured=not ctx.predicted_only,
+                                max_iterations=ctx.config.max_iterations)
+    return SearchResult(best.keep, loop, True, smallest_ms, message,
+                        solver_summary(best.allocation) if best.allocation else None)
 
 
 def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, kind: str, budget: float) -> SearchResult:
     """FLOPs/params budgets: the cost model is exact, so one solve decides the plan."""
     cost_kind = "macs" if kind == "flops" else "params"
-    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.profile.channel_alignment)
+    min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.grid)
     allocation = _solve(ctx, groups, importance, lambda k: cost_model.cost(k, cost_kind), budget, min_keep,
                         cost_grad=lambda k: cost_model.gradient(k, cost_kind))
     feasible = allocation.cost <= budget
     message = "" if feasible else (f"{kind} budget {budget:.4g} is below the smallest model this job can build "
                                    f"({allocation.cost:.4g} at the minimum keep ratio {ctx.config.min_keep_ratio:g})")
     if feasible and allocation.solver != "full" and allocation.budget_used < MIN_BUDGET_USE:
-        message = (f"the plan uses {allocation.budget_used:.1%} of the {kind} budget: with channel counts in "
-                   f"steps of {ctx.profile.channel_alignment}, no wider plan fits")
+        message = (f"the plan uses {allocation.budget_used:.1%} of the {kind} budget: with channel counts "
+                   f"restricted to {ctx.grid.describe()}, no wider plan fits")
     return SearchResult(allocation.keep, [], feasible, None, message, solver_summary(allocation))
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.table import Table
 
+from compressor.channel_grid import ChannelGrid
 from deploy.atomic_io import atomic_write_text
 from deploy.telemetry import collect_environment
 
@@ -56,7 +57,7 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
         "schema_version": SCHEMA_VERSION,
         "target": {"name": ctx.profile.name, "backend": ctx.profile.backend, "precision": ctx.profile.precision,
                    "batch_size": ctx.batch_size, "input_shape": list(ctx.input_shape),
-                   "channel_alignment": ctx.profile.channel_alignment},
+                   "channel_alignment": ctx.profile.channel_alignment, "channel_grid": ctx.grid.to_dict()},
         "budget": budget,
         "met": bool(met),
         "baseline": baseline,
@@ -181,8 +182,9 @@ def render_markdown(report: dict) -> str:
                   + (f", leave-one-out {loo:.1f}%" if loo is not None else ""),
                   f"- channel steps seen (alignment staircase): {steps}"]
     allocation = report.get("allocation")
+    grid = ChannelGrid.from_dict(report["target"].get("channel_grid"))
     if allocation:
-        lines += ["", "## Allocation", "",
+        lines += ["", "## Allocation", "", f"- channel counts: {grid.describe()}",
                   f"- solver: {allocation['solver']} ({allocation['utility']} utility), "
                   f"{allocation['budget_used']:.2%} of the budget it was given, {allocation['seconds']:.3f} s",
                   f"- {allocation['message']}"]

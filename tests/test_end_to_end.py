@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 
 from compressor import load_pruned_model
+from compressor.channel_grid import ChannelGrid
 from compressor.cli import main
 from compressor.data import load_data
 from compressor.data.shapes import generate_shapes
 from compressor.training import evaluate
+from deploy.backends.onnxruntime_cpu import nchwc_block_size
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST_MEASURE = ["--latency-variants", "4", "--warmup", "20", "--iterations", "100"]
@@ -56,8 +58,14 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     assert code == 0, report and report["notes"]
     assert REPORT_KEYS <= set(report)
     assert report["schema_version"] == 1
+    grid = report["target"].pop("channel_grid")
     assert report["target"] == {"name": "cpu", "backend": "onnxruntime-cpu", "precision": "fp32", "batch_size": 1,
                                 "input_shape": [1, 32, 32], "channel_alignment": 1}
+    # The solver kept only counts ONNX Runtime's kernels run without padding on this CPU.
+    block = nchwc_block_size()
+    assert grid["step"] == block and grid["free_below"] == (block if block > 1 else 0)
+    for g in report["groups"]:
+        assert g["kept"] in ChannelGrid.from_dict(grid).widths(g["channels"]), g
     # The budget is relative to the measured baseline, and met by a measured latency.
     base_ms = report["baseline"]["latency_ms"]["median"]
     assert report["budget"]["kind"] == "latency_ms"

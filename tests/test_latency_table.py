@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.channel_grid import ChannelGrid
 from compressor.cost_model import CostModel
 from compressor.errors import BadInput
 from compressor.groups import discover_groups
@@ -40,12 +41,13 @@ def small_table(tmp_path_factory):
     groups = discover_groups(model, x)
     cost = CostModel.build(model, x, groups)
     backend = OnnxRuntimeCPU(intra_op_threads=1)
+    grid = ChannelGrid.for_target(1, backend.kernel_alignment())
     request = TableRequest(target="cpu", precision="fp32", batch_size=1, input_shape=(1, 16, 16),
-                           backend_settings=backend.session_settings(), variants=6, warmup=5, runs=30, iterations=60)
-    min_keep = minimum_keep(groups, 0.1, 1)
+                           backend_settings=backend.session_settings(), grid=grid, variants=6, warmup=5, runs=30,
+                           iterations=60)
+    min_keep = minimum_keep(groups, 0.1, grid)
     work = tmp_path_factory.mktemp("variants")
-    table, samples = build_latency_model(model, x, groups, cost, backend, request, work, min_keep=min_keep,
-                                         alignment=[1] * len(groups))
+    table, samples = build_latency_model(model, x, groups, cost, backend, request, work, min_keep=min_keep)
     return model, x, groups, cost, backend, request, table, samples, work, min_keep
 
 
@@ -54,6 +56,11 @@ def test_table_is_built_from_profiled_variants_and_predicts_unseen_plans(small_t
     assert len(samples) == 8 and table.kind == "per-layer"
     assert all(s.profile.source == "onnxruntime-profiling" and s.profile.layers for s in samples)
     assert samples[0].keep == [int(c) for c in cost.full_keep]
+    # Every variant was drawn on the target's grid, and the table says which grid that was.
+    assert table.grid == request.grid
+    for s in samples:
+        for k, c, lo in zip(s.keep, cost.full_keep, min_keep):
+            assert k in request.grid.widths(int(c), lo)
     # Every conv layer is tied to a group or a constant; widths follow the plan.
     assert len(table.layers) >= 19
     assert table.fit["leave_one_out_mape_pct"] >= 0 and table.fit["in_sample_mape_pct"] < 40
@@ -62,7 +69,7 @@ def test_table_is_built_from_profiled_variants_and_predicts_unseen_plans(small_t
     # holds the real fidelity figure).
     full, smallest = table.predict(cost.full_keep), table.predict(np.array(min_keep))
     assert full > smallest > 0
-    keep = variant_plans(cost, groups, min_keep, [1] * len(groups), 1, seed=99)[2]
+    keep = variant_plans(cost, groups, min_keep, request.grid, 1, seed=99)[2]
     path = work / "unseen.onnx"
     export_onnx(prune_to(model, x, groups, keep, cost.group_names), x, path)
     measured = backend.measure(path, (1, 1, 16, 16), warmup=10, iterations=100).latency.median_ms
@@ -75,7 +82,7 @@ def test_table_round_trips_and_refuses_another_job(small_table, tmp_path):
     again = load_table_file(path)
     for keep in (cost.full_keep, cost.full_keep // 2 + 1):
         assert again.predict(keep) == pytest.approx(table.predict(keep))
-    assert again.group_steps() == table.group_steps()
+    assert again.group_steps() == table.group_steps() and again.grid == table.grid
     key = table_key(model, backend, request)
     check_table_matches(again, key, source="t.json")  # same job: accepted
     with pytest.raises(BadInput, match="input_shape"):
@@ -101,11 +108,34 @@ def test_corrected_latency_moves_the_prediction_by_the_measured_miss(small_table
     assert corrected.history[-1]["factor"] == pytest.approx(1.2)
 
 
-def test_solver_gets_a_per_group_step_only_where_one_was_seen(small_table):
+def test_solver_gets_a_coarser_step_only_where_one_was_seen(small_table):
     table: LatencyTable = small_table[6]
-    steps = table.alignment_for_solver(1)
-    assert len(steps) == len(table.group_names)
+    base = ChannelGrid()
+    grids = table.grids_for_solver(base)
+    assert len(grids) == len(table.group_names)
     seen = table.group_steps()
-    for name, channels, step in zip(table.group_names, table.channels, steps):
+    for name, channels, grid in zip(table.group_names, table.channels, grids):
         expected = seen.get(name, {}).get("step", 1)
-        assert step == (expected if 1 < expected < channels else 1)
+        assert grid.step == (expected if 1 < expected < channels else 1)
+    # A target grid already at the table's step stays as it is (free counts below the block included).
+    target = table.grid
+    assert all(g == target or g.step > target.step for g in table.grids_for_solver(target))
+
+
+def test_calibration_adopts_a_memory_cliff_only_where_the_variants_show_one():
+    from compressor.latency_table import _calibrate
+
+    form = {"c0": 0.0, "a": np.zeros(2), "q": np.zeros((2, 2))}
+    sums = np.linspace(0.1, 4.0, 12)
+    params = 2e6 * sums ** 1.5  # the weights grow faster than the layer time sum
+    smooth = 1.1 * sums + 0.02
+    alpha, beta, memory = _calibrate(sums, smooth, params, form)
+    assert memory is None and alpha == pytest.approx(1.1) and beta == pytest.approx(0.02)
+    # Past 8M parameters every plan pays for DRAM: the term is found, at about that threshold.
+    cliff = smooth + 2e-7 * np.maximum(params - 8e6, 0.0)
+    alpha, beta, memory = _calibrate(sums, cliff, params, form)
+    assert memory is not None and memory["threshold_params"] == pytest.approx(8e6, rel=0.3)
+    assert memory["ms_per_param"] > 0 and alpha == pytest.approx(1.1, rel=0.1)
+    # Without a parameter form (or with too few variants) there is nothing to adopt.
+    assert _calibrate(sums, cliff, params, None)[2] is None
+    assert _calibrate(sums[:5], cliff[:5], params[:5], form)[2] is None

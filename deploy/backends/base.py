@@ -86,6 +86,16 @@ class LayerProfile:
                 "layer_sum_ms": self.layer_sum_ms, "layers": [layer.to_dict() for layer in self.layers]}
 
 
+@dataclass(frozen=True)
+class KernelAlignment:
+    """Channel counts a backend's kernels run without padding: multiples of `step`, and any count
+    below `free_below` (kernels that take a narrow input as it is). `source` says how it was found."""
+
+    step: int = 1
+    free_below: int = 0
+    source: str = "none"
+
+
 class Runner(Protocol):
     """A loaded model: `run(x)` returns the first output. Names and shape come from the model file."""
 
@@ -161,6 +171,11 @@ class Backend(abc.ABC):
         return None
 
     engine_suffix: str | None = None
+
+    def kernel_alignment(self) -> KernelAlignment:
+        """The channel steps this backend's kernels need on this machine (the solver's grid follows
+        them). The default constrains nothing: the profile's channel_alignment alone sets the grid."""
+        return KernelAlignment()
 
     def measure(
         self,

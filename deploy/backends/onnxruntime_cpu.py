@@ -5,6 +5,7 @@ inter-op 1 and sequential execution, so a latency number means the same thing ru
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from deploy.backends.availability import probe_backend
-from deploy.backends.base import Backend, LayerProfile, LayerTime, check_input_shape, fixed_input, run_in_batches
+from deploy.backends.base import (Backend, KernelAlignment, LayerProfile, LayerTime, check_input_shape, fixed_input,
+                                  run_in_batches)
 from deploy.cpu_info import cpu_model, physical_cores
 from deploy.errors import BadInput
 from deploy.harness import measure_callable
@@ -89,6 +91,15 @@ class OnnxRuntimeCPU(Backend):
         opts.log_severity_level = 3  # errors only; ORT's warnings about unused initialisers are noise here
         return opts
 
+    def kernel_alignment(self) -> KernelAlignment:
+        """ONNX Runtime's NCHWc block on this CPU (16 with AVX-512, 8 with AVX2, none without NCHWc
+        kernels), read from how the runtime rewrites a one-conv probe model."""
+        block = nchwc_block_size()
+        if block <= 1:
+            return KernelAlignment(source="ONNX Runtime uses no NCHWc kernels on this CPU")
+        return KernelAlignment(step=block, free_below=block,
+                               source=f"ONNX Runtime NCHWc block of {block} channels, read from its optimized graph")
+
     def profile_layers(self, onnx_path, input_shape, *, warmup: int = 10, runs: int = 50) -> LayerProfile:
         """Per-node kernel times from ONNX Runtime's profiler (same session settings as `measure`)."""
         return _profile_layers(self, onnx_path, input_shape, warmup=warmup, runs=runs)
@@ -107,6 +118,37 @@ class OnnxRuntimeCPU(Backend):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInput(f"{path}: ONNX Runtime cannot load the model ({first})") from None
         return OrtRunner(session, settings, path)
+
+
+@functools.cache
+def nchwc_block_size() -> int:
+    """The channel block ONNX Runtime's NCHWc convolutions pad to on this CPU (1: not used).
+
+    MLAS picks it from the CPU's vector width and exposes no API for it, so ask the runtime: let it
+    optimise a 1x1 conv with one output channel and read how far it padded the filter. The
+    transformer only rewrites what its kernels run faster, so that is also what the solver should
+    respect. One tiny session, a few milliseconds; cached for the process (it cannot change).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 3, 1, 1), dtype=np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"])], "nchwc_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        opts.log_severity_level = 3  # it warns that the optimized file is machine-specific: that is the point
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath)
+    if not any(n.domain == "com.microsoft.nchwc" for n in optimized.graph.node):
+        return 1
+    return max((int(t.dims[0]) for t in optimized.graph.initializer if len(t.dims) == 4), default=1)
 
 
 def _channels(shapes: list) -> tuple[int | None, list[list[int]]]:

@@ -1,0 +1,101 @@
+"""The closed loop for a latency budget: solve on the latency model, build, measure, correct, re-solve.
+
+Each iteration solves against the model corrected by the last measurement (`CorrectedLatency`),
+so a miss moves the next plan by the measured error. It stops at the first plan measured inside
+the acceptance band, or after `max_iterations`. The pipeline (`search_latency`) and the latency
+bench (bench/latency_model.py) run this same function; only how a plan is built and measured
+differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from compressor.allocation import Allocation
+from compressor.latency_table import CorrectedLatency, LatencyModel
+
+# A plan is accepted when measured in [ACCEPT_LOW, ACCEPT_HIGH] x budget. The guard band below the
+# budget absorbs run-to-run drift of the median (1-2 % on a shared 2-core host), so the final
+# model, measured again after fine-tuning, still fits. The solver aims between the two.
+ACCEPT_LOW = 0.90
+ACCEPT_HIGH = 0.98
+AIM = 0.95
+
+CostFn = Callable[[np.ndarray], float]
+
+
+@dataclass
+class Trial:
+    """One plan the loop tried: its widths, its latency (measured, or predicted when nothing can be
+    measured), the solve that produced it, and its row for report.loop."""
+
+    keep: dict[str, int]
+    latency_ms: float
+    allocation: Allocation | None
+    entry: dict[str, Any]
+
+
+def in_band(latency_ms: float, budget_ms: float) -> bool:
+    return ACCEPT_LOW * budget_ms <= latency_ms <= ACCEPT_HIGH * budget_ms
+
+
+def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
+                    solve: Callable[[CostFn, float], Allocation],
+                    measure: Callable[[dict[str, int], int], float] | None, max_iterations: int,
+                    describe: Callable[[np.ndarray], dict[str, Any]] | None = None,
+                    on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[Trial]:
+    """Iterate solve -> measure -> correct. `solve(cost_fn, target_ms)` allocates against a cost
+    function; `measure(keep, iteration)` builds and times a plan on the target (None: nothing can be
+    measured here, so one predicted plan is returned); `describe(keep_vector)` adds fields (MACs)
+    to each report row; `on_iteration(row)` sees each row when it is complete (progress output).
+    `order` is the group order of the model's keep vectors."""
+    corrected = CorrectedLatency(model)
+    trials: list[Trial] = []
+    target_ms = AIM * budget_ms
+    for iteration in range(1, max_iterations + 1):
+        if any(in_band(t.latency_ms, budget_ms) for t in trials):
+            break
+        allocation = solve(corrected.predict, target_ms)
+        repeated = next((t for t in trials if t.keep == allocation.keep), None)
+        if repeated is not None:
+            # The corrected model sends us back to a plan already measured: aim by that plan's miss instead.
+            target_ms *= AIM * budget_ms / repeated.latency_ms
+            allocation = solve(corrected.predict, target_ms)
+        keep_vec = np.array([allocation.keep[n] for n in order])
+        predicted, raw = corrected.predict(keep_vec), model.predict(keep_vec)
+        entry: dict[str, Any] = {"iteration": iteration, "predicted_latency_ms": predicted,
+                                 "raw_predicted_latency_ms": raw, "correction_factor": corrected.factor,
+                                 "measured_latency_ms": None, **(describe(keep_vec) if describe else {}),
+                                 "solver": allocation.solver}
+        if measure is None:
+            trials.append(Trial(allocation.keep, predicted, allocation, entry))
+            if on_iteration:
+                on_iteration(entry)
+            break
+        measured = measure(allocation.keep, iteration)
+        corrected.correct(keep_vec, measured)  # the next solve sees the model moved by this miss
+        entry.update({"measured_latency_ms": measured, "error_pct": 100.0 * (predicted - measured) / measured,
+                      "in_band": in_band(measured, budget_ms)})
+        trials.append(Trial(allocation.keep, measured, allocation, entry))
+        if on_iteration:
+            on_iteration(entry)
+    return trials
+
+
+def choose_plan(trials: Sequence[Trial], budget_ms: float, *, measured: bool,
+                max_iterations: int) -> tuple[Trial, str]:
+    """The widest plan inside the guard band; failing that, the widest within the budget; with a
+    note when the choice is not in the band. `trials` must hold at least one plan within budget."""
+    guarded = [t for t in trials if t.latency_ms <= ACCEPT_HIGH * budget_ms]
+    fitting = guarded or [t for t in trials if t.latency_ms <= budget_ms]
+    best = max(fitting, key=lambda t: t.latency_ms)
+    word = "measured" if measured else "predicted"
+    message = "" if guarded else (f"the chosen plan {word} {best.latency_ms:.4g} ms, inside the budget but within "
+                                  f"{1 - ACCEPT_HIGH:.0%} of it; the final measurement may land either side")
+    if best.latency_ms < ACCEPT_LOW * budget_ms:
+        message = (f"no plan {word} within [{ACCEPT_LOW:.0%}, {ACCEPT_HIGH:.0%}] of the budget in "
+                   f"{max_iterations} iterations; the widest plan that fits uses "
+                   f"{best.latency_ms / budget_ms:.0%} of it (more --max-iterations may get closer)")
+    return best, message

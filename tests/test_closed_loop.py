@@ -1,0 +1,69 @@
+"""The closed loop's control logic: correct by the measured miss, stop in band, choose honestly.
+
+The "device" here is a known function of the plan (a latency 25% above what the model says), so
+the properties are exact; the loop against real measurements runs in the end-to-end tests and the
+latency bench."""
+import numpy as np
+import pytest
+
+from compressor.allocation import solve_allocation
+from compressor.closed_loop import ACCEPT_HIGH, ACCEPT_LOW, Trial, choose_plan, in_band, run_closed_loop
+from compressor.latency_table import WholeNetworkModel
+
+NAMES, CHANNELS = ["a", "b", "c"], [32, 64, 128]
+
+
+def _model() -> WholeNetworkModel:
+    """latency = 0.01 + 1e-4 * MACs, with MACs = sum of k_i * k_{i+1} (a chain of convs)."""
+    q = np.zeros((3, 3))
+    q[0, 1] = q[1, 2] = 1.0
+    form = {"c0": 0.0, "a": np.zeros(3), "q": q}
+    return WholeNetworkModel(NAMES, CHANNELS, [0.01, 1e-4, 0.0], form, {"c0": 0.0, "a": np.zeros(3), "q": q * 0})
+
+
+def _solve(cost_fn, target):
+    return solve_allocation(NAMES, CHANNELS, [1.0, 1.0, 1.0], [True] * 3, cost_fn, target, min_keep_ratio=0.1,
+                            utility="log")
+
+
+def test_a_miss_is_corrected_and_the_loop_stops_in_band():
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+    measured_plans = []
+
+    def measure(keep, iteration):  # the device runs 25% slower than the model says
+        measured_plans.append(dict(keep))
+        return 1.25 * model.predict(np.array([keep[n] for n in NAMES], dtype=float))
+
+    trials = run_closed_loop(model, budget, NAMES, _solve, measure, max_iterations=4,
+                             describe=lambda k: {"macs": float(k[0] * k[1] + k[1] * k[2])})
+    assert len(trials) == 2 and len(measured_plans) == 2
+    first, second = trials
+    assert first.latency_ms > ACCEPT_HIGH * budget  # the uncorrected model over-promised
+    assert second.entry["correction_factor"] == pytest.approx(1.25)
+    assert in_band(second.latency_ms, budget) and second.entry["in_band"]
+    assert second.entry["error_pct"] == pytest.approx(100 * (second.entry["predicted_latency_ms"] - second.latency_ms)
+                                                      / second.latency_ms)
+    assert "macs" in first.entry and first.entry["iteration"] == 1
+    best, message = choose_plan(trials, budget, measured=True, max_iterations=4)
+    assert best is second and message == ""
+
+
+def test_predicted_only_returns_one_predicted_plan():
+    model = _model()
+    seen = []
+    trials = run_closed_loop(model, 0.6 * model.predict(np.array(CHANNELS, dtype=float)), NAMES, _solve, None,
+                             max_iterations=4, on_iteration=seen.append)
+    assert len(trials) == 1 and trials[0].entry["measured_latency_ms"] is None and seen == [trials[0].entry]
+
+
+def test_choice_is_the_widest_plan_that_fits_and_says_when_it_is_not_in_band():
+    budget = 1.0
+    trial = lambda ms: Trial({"a": int(ms * 100)}, ms, None, {})  # noqa: E731
+    best, message = choose_plan([trial(0.5), trial(0.95), trial(1.2)], budget, measured=True, max_iterations=3)
+    assert best.latency_ms == 0.95 and message == ""
+    best, message = choose_plan([trial(0.5), trial(0.99), trial(1.2)], budget, measured=True, max_iterations=3)
+    assert best.latency_ms == 0.5 and "no plan measured within" in message  # 0.99 is outside the guard band
+    best, message = choose_plan([trial(0.99)], budget, measured=False, max_iterations=3)
+    assert best.latency_ms == 0.99 and "inside the budget but within" in message
+    assert ACCEPT_LOW < 0.95 < ACCEPT_HIGH
