@@ -386,7 +386,7 @@ def _greedy(prob: _Problem) -> np.ndarray:
 
 def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, prunable: Sequence[bool],
               budget: float, alignment: Any, min_keep: Sequence[int] | None,
-              min_keep_ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+              min_keep_ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[ChannelGrid]]:
     size = len(names)
     if size == 0:
         raise BadInput("solve_allocation: no groups")
@@ -421,7 +421,7 @@ def _validate(names: Sequence[str], channels: Sequence[int], importance: Any, pr
     lows = np.maximum.reduce([np.ones(size, dtype=np.int64), mk,
                               np.ceil(min_keep_ratio * ch - 1e-9).astype(np.int64)])
     lows = np.minimum(lows, ch)
-    return ch, imp, np.asarray(prunable, dtype=bool), lows
+    return ch, imp, np.asarray(prunable, dtype=bool), lows, grids
 
 
 def solve_allocation(names: list[str], channels: list[int], importance: list[float] | np.ndarray,
@@ -442,8 +442,9 @@ def solve_allocation(names: list[str], channels: list[int], importance: list[flo
     finite differences. Each prunable group keeps a count on its channel grid (``alignment``:
     one step or `ChannelGrid` for all groups, or one per group, e.g. the latency table's
     measured staircase) or its full width, and at least max(1, min_keep[g],
-    ceil(min_keep_ratio * C_g)); non-prunable groups stay full. When even the smallest plan exceeds the budget the result has
-    ``success=False`` and that smallest plan; the caller decides what to do.
+    ceil(min_keep_ratio * C_g)); non-prunable groups stay full. When even the smallest plan
+    exceeds the budget the result has ``success=False`` and that smallest plan; the caller
+    decides what to do.
     """
     # A few dozen variables gain nothing from BLAS threads, and on a busy machine OpenBLAS's
     # spinning threads made SLSQP 10x slower (3.4 s instead of 0.34 s on ResNet-56).
@@ -455,9 +456,9 @@ def solve_allocation(names: list[str], channels: list[int], importance: list[flo
 def _solve(names, channels, importance, prunable, cost_fn, budget, *, alignment, min_keep, min_keep_ratio,
            cost_grad, utility) -> Allocation:
     start = time.perf_counter()
-    ch, imp, prun, lows = _validate(names, channels, importance, prunable, budget, alignment,
-                                    min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, as_grids(alignment, len(ch)))
+    ch, imp, prun, lows, grids = _validate(names, channels, importance, prunable, budget, alignment,
+                                           min_keep, min_keep_ratio)
+    grid = _Grid(ch, prun, lows, grids)
     movable = grid.last > 0
     peak = float(imp[prun].max()) if prun.any() else 0.0
     weights = np.where(prun, imp / peak if peak > 0 else 1.0, 0.0)
@@ -524,9 +525,9 @@ def uniform_allocation(names: list[str], channels: list[int], prunable: list[boo
     """
     start = time.perf_counter()
     imp_in = np.ones(len(names)) if importance is None else importance
-    ch, imp, prun, lows = _validate(names, channels, imp_in, prunable, budget, alignment,
-                                    min_keep, min_keep_ratio)
-    grid = _Grid(ch, prun, lows, as_grids(alignment, len(ch)))
+    ch, imp, prun, lows, grids = _validate(names, channels, imp_in, prunable, budget, alignment,
+                                           min_keep, min_keep_ratio)
+    grid = _Grid(ch, prun, lows, grids)
     movable = grid.last > 0
     prob = _Problem(grid, np.where(prun, 1.0, 0.0), cost_fn, float(budget))
     pos, r = _uniform_grid_plan(prob, movable)

@@ -329,8 +329,7 @@ class LatencyTable:
         """Predicted end-to-end median latency (ms) of the network pruned to `keep` channels per group."""
         total = self.alpha * self.layer_times(keep).sum() + self.beta
         if self.memory:
-            params = _quad(self.memory["params"], np.asarray(keep, dtype=float))
-            total += self.memory["ms_per_param"] * max(params - self.memory["threshold_params"], 0.0)
+            total += _memory_ms(self.memory, _quad(self.memory["params"], np.asarray(keep, dtype=float)))
         return float(total)
 
     def group_steps(self) -> dict[str, dict[str, Any]]:
@@ -363,9 +362,8 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
                 "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
-                "grid": self.grid.to_dict(), "alpha": self.alpha, "beta": self.beta, "memory": _plain_memory(self.memory),
-                "fit": self.fit,
-                "group_steps": self.group_steps(),
+                "grid": self.grid.to_dict(), "alpha": self.alpha, "beta": self.beta,
+                "memory": _plain_memory(self.memory), "fit": self.fit, "group_steps": self.group_steps(),
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
@@ -416,11 +414,10 @@ class WholeNetworkModel:
         return [base] * len(self.group_names)
 
     def to_dict(self) -> dict[str, Any]:
-        plain = _plain_form
         return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
                 "groups": [{"name": n, "channels": c} for n, c in zip(self.group_names, self.channels)],
-                "grid": self.grid.to_dict(), "coef": self.coef.tolist(), "macs": plain(self.macs),
-                "params": plain(self.params), "fit": self.fit}
+                "grid": self.grid.to_dict(), "coef": self.coef.tolist(), "macs": _plain_form(self.macs),
+                "params": _plain_form(self.params), "fit": self.fit}
 
 
 LatencyModel = LatencyTable | WholeNetworkModel
@@ -433,6 +430,11 @@ def _quad(form: dict, k: np.ndarray) -> float:
 
 def _plain_form(form: dict) -> dict:
     return {"c0": float(form["c0"]), "a": np.asarray(form["a"]).tolist(), "q": np.asarray(form["q"]).tolist()}
+
+
+def _memory_ms(memory: dict, params: float) -> float:
+    """The calibration's memory-cliff term for a plan with `params` parameters (see `_calibrate`)."""
+    return memory["ms_per_param"] * max(params - memory["threshold_params"], 0.0)
 
 
 def _plain_memory(memory: dict | None) -> dict | None:
@@ -483,9 +485,8 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
     alpha, beta, memory = calibrate(all_rows)
     table = LatencyTable(group_names, channels, layers, alpha, beta, provenance=provenance, key=key, grid=grid,
                          memory=memory)
-    measured = [s.total_ms for s in samples]
     fit = {"variants": len(samples), "layers": len(layers), "profiler_overhead_ms_per_layer": overhead,
-           "in_sample_mape_pct": _mape([table.predict(k) for k in keeps], measured),
+           "in_sample_mape_pct": _mape([table.predict(k) for k in keeps], totals),
            "profiled_over_measured": float(np.mean([s.profile.layer_sum_ms / s.total_ms for s in samples]))}
     if loo:  # leave-one-out: refit without each variant and predict it (an honest in-table error)
         saved = [list(layer.coef) for layer in layers]
@@ -494,11 +495,11 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
             rows = np.delete(all_rows, v)
             fit_all(range(len(layers)), rows)
             a, b, mem = calibrate(rows)
-            extra = mem["ms_per_param"] * max(params[v] - mem["threshold_params"], 0.0) if mem else 0.0
+            extra = _memory_ms(mem, params[v]) if mem else 0.0
             preds.append(a * sum(layer.predict(keeps[v]) for layer in layers) + b + extra)
         for layer, coef in zip(layers, saved):
             layer.coef = coef
-        fit["leave_one_out_mape_pct"] = _mape(preds, measured)
+        fit["leave_one_out_mape_pct"] = _mape(preds, totals)
     table.fit = fit
     table._compile()
     return table

@@ -182,8 +182,8 @@ def render_markdown(report: dict) -> str:
                   + (f", leave-one-out {loo:.1f}%" if loo is not None else ""),
                   f"- channel steps seen (alignment staircase): {steps}"]
     allocation = report.get("allocation")
-    grid = ChannelGrid.from_dict(report["target"].get("channel_grid"))
     if allocation:
+        grid = ChannelGrid.from_dict(report["target"].get("channel_grid"))
         lines += ["", "## Allocation", "", f"- channel counts: {grid.describe()}",
                   f"- solver: {allocation['solver']} ({allocation['utility']} utility), "
                   f"{allocation['budget_used']:.2%} of the budget it was given, {allocation['seconds']:.3f} s",
