@@ -83,7 +83,7 @@ def bench_model(name: str, plans: int, work: Path, seed: int) -> dict:
     off = held_out(variant_plans(cost, groups, off_lows, ChannelGrid(), plans // 2, seed=seed + 2000)[2:], "off")
 
     # The closed loop at 50 % and 70 % of the baseline, as search_latency runs it.
-    alignment = table.grids_for_solver(grid)
+    alignment = table.grids_for_solver(grid.per_group(groups))
     lows = minimum_keep(groups, 0.1, alignment)
     loops = {}
     order = cost.group_names
@@ -134,7 +134,7 @@ def write(results: list[dict], machine: str) -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in results:
         lp = {k: f"{v['n']}, {v['final_of_budget']:.3f}" for k, v in r["loops"].items()}
-        lines.append(f"| {r['model']} | {ChannelGrid.from_dict(r['grid']).describe().split(' (')[0]} | {r['builds']} | "
+        lines.append(f"| {r['model']} | {ChannelGrid.from_dict(r['grid']).describe(source=False)} | {r['builds']} | "
                      f"{r['table_build_s']:.0f} | "
                      f"{r['fit'].get('leave_one_out_mape_pct', float('nan')):.1f}% | {r['mape_pct']:.1f}% | "
                      f"{r['max_error_pct']:.1f}% | {r['mape_pct_plans_over_40pct_of_baseline']:.1f}% | "

@@ -49,6 +49,9 @@ class PrunableGroup:
     min_keep: int
     activation_module: str
     reason: str = ""  # why the group is kept whole; empty when prunable
+    # A member is a depthwise conv: some runtimes pad those to their channel block at any width
+    # (ChannelGrid.per_group).
+    depthwise: bool = False
     # For each "out" member: its own output-channel index for each group channel
     # (differs from range(channels) after a concat). Used by channel scoring.
     out_index: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -63,7 +66,8 @@ class PrunableGroup:
         state = "prunable" if self.prunable else f"kept whole: {self.reason}"
         lines = [
             "-" * 32,
-            f"Group {self.name}: {self.channels} channels, min_keep={self.min_keep}, {state}",
+            f"Group {self.name}: {self.channels} channels, min_keep={self.min_keep}, {state}"
+            + (", through a depthwise conv" if self.depthwise else ""),
             f"  activation: {self.activation_module}",
         ]
         lines += [f"  [{i}] {name} ({role})" for i, (name, role) in enumerate(self.members)]
@@ -176,6 +180,7 @@ def _describe_group(
 ) -> PrunableGroup | None:
     members: dict[tuple[str, str], int] = {}
     reasons: list[str] = []
+    depthwise = False
     out_items = []
     for item in tp_group:
         dep, idxs = item.dep, item.idxs
@@ -191,6 +196,7 @@ def _describe_group(
             name = names[module]
             if _is_grouped_conv(module):
                 reasons.append(f"grouped conv {name} (groups={module.groups})")
+            depthwise = depthwise or (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1)
             if roles == {"in", "out"} and isinstance(module, nn.modules.conv._ConvNd) and not node.inputs:
                 reasons.append(f"depthwise conv {name} reads the model input")
             if "out" in roles:
@@ -234,6 +240,7 @@ def _describe_group(
         min_keep=min(channels, keep_floor),
         activation_module=activation,
         reason="; ".join(reasons),
+        depthwise=depthwise,
         out_index=out_index,
     )
 

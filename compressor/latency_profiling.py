@@ -110,7 +110,9 @@ def check_table_matches(model: LatencyModel, key: dict[str, Any], *, source: str
 
 def variant_plans(cost_model: CostModel, groups: list[PrunableGroup], min_keep: list[int], grid: ChannelGrid,
                   n_random: int, seed: int) -> list[np.ndarray]:
-    """Full, smallest, then `n_random` plans with per-group widths spread over [minimum, full], on `grid`."""
+    """Full, smallest, then `n_random` plans with per-group widths spread over [minimum, full], on `grid`
+    (each group on its own: `ChannelGrid.per_group`)."""
+    grids = grid.per_group(groups)
     full = cost_model.full_keep.astype(np.int64)
     lows = np.array(min_keep, dtype=np.int64)
     prunable = np.array([g.prunable for g in groups])
@@ -120,7 +122,7 @@ def variant_plans(cost_model: CostModel, groups: list[PrunableGroup], min_keep: 
         level = (i + 0.5) / n_random  # overall width spread evenly, each group jittered around it
         ratio = np.clip(level + rng.normal(0.0, 0.2, size=len(full)), 0.0, 1.0)
         k = lows + ratio * (full - lows)
-        k = np.array([grid.snap(x, c, lo) for x, c, lo in zip(k, full, lows)], dtype=np.int64)
+        k = np.array([g.snap(x, c, lo) for g, x, c, lo in zip(grids, k, full, lows)], dtype=np.int64)
         plans.append(np.where(prunable, k, full))
     return plans
 

@@ -14,6 +14,13 @@ the step is read from the shapes; where a backend hides its padding (TensorRT), 
 8/16/32 is adopted for a group when the timings show it. That is the alignment staircase, and the
 solver gets it as a per-group channel step.
 
+Where the variants show it, each layer also gets a weight-traffic term,
+``e * c_in * c_out * max(P - P0, 0)``: once the whole plan's parameter count P outgrows what the
+caches hold (P0, chosen from the variants), every weight a layer reads costs more, in proportion to
+how far the plan is past it. No single layer's widths show this: it depends on what the *other*
+layers evicted. VGG-11 on the 2-core VM: its 512-channel layers cost 2.3 ns per c_in*c_out at
+2 M parameters and 3.5 ns at 8 M; held-out error 12.4% without the term, 2.4% with it.
+
 The per-layer sum is calibrated to the end-to-end median measured without the profiler
 (``total = alpha * sum + beta``): profilers add overhead per layer, and the runtime has overhead
 between layers. Backends with no per-layer profiler get a whole-network model (latency from MACs
@@ -34,7 +41,7 @@ from compressor.channel_grid import ChannelGrid
 from compressor.errors import BadInput
 from deploy.backends.base import LayerProfile
 
-SCHEMA_VERSION = 2  # 2: tables record the channel grid their variants were drawn on
+SCHEMA_VERSION = 3  # 2: tables record their channel grid; 3: per-layer weight-traffic term
 # Layout conversions the runtime inserts around kernels (ORT NCHWc reorders, TensorRT reformats):
 # their time belongs to the layer before them.
 _LAYOUT_OPS = ("reorder", "reformat", "copy", "shuffle")
@@ -44,6 +51,7 @@ _MAX_PAD = 64  # a backend pads a channel count by less than this
 # A hidden step is adopted for a group only when it cuts the squared fit error of the group's
 # layers by at least this fraction: "where the data shows one".
 _STEP_GAIN = 0.25
+N_FEATURES = 6  # per-layer coefficients (LayerModel)
 
 
 @dataclass
@@ -86,22 +94,23 @@ class DimMap:
 
 @dataclass
 class LayerModel:
-    """One position in the execution order: t = a + b*ci*co + c*ci + d*co + e*bi*bo (ms), where bi/bo
-    are the counts padded to the block the backend uses for some widths (= ci/co when it never pads)."""
+    """One position in the execution order: t = a + b*ci*co + c*ci + d*co + e*bi*bo + f*ci*co*x (ms),
+    where bi/bo are the counts padded to the block the backend uses for some widths (= ci/co when it
+    never pads) and x is the plan's parameter excess over the cache (`LatencyTable.excess`, in millions)."""
 
     name: str
     op: str
     cin: DimMap
     cout: DimMap
-    coef: list[float] = field(default_factory=lambda: [0.0] * 5)
+    coef: list[float] = field(default_factory=lambda: [0.0] * N_FEATURES)
 
-    def features(self, keep: np.ndarray) -> np.ndarray:
+    def features(self, keep: np.ndarray, excess: np.ndarray | float = 0.0) -> np.ndarray:
         ci, co = self.cin.value(keep), self.cout.value(keep)
         bi, bo = self.cin.blocked(keep), self.cout.blocked(keep)
-        return np.stack([np.ones_like(ci), ci * co, ci, co, bi * bo], axis=-1)
+        return np.stack([np.ones_like(ci), ci * co, ci, co, bi * bo, ci * co * excess], axis=-1)
 
-    def predict(self, keep: np.ndarray) -> np.ndarray:
-        return self.features(keep) @ np.asarray(self.coef)
+    def predict(self, keep: np.ndarray, excess: np.ndarray | float = 0.0) -> np.ndarray:
+        return self.features(keep, excess) @ np.asarray(self.coef)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "op": self.op, "cin": self.cin.to_dict(), "cout": self.cout.to_dict(),
@@ -287,8 +296,8 @@ class LatencyTable:
                  memory: dict[str, Any] | None = None):
         self.group_names = list(group_names)
         self.grid = grid or ChannelGrid()  # the grid the variants were drawn on: where the table is valid
-        # Whole-network term for weights that no longer fit the cache: {"params": quadratic form of the
-        # parameter count, "threshold_params", "ms_per_param"}; None where the variants showed none.
+        # Where the weight-traffic term applies: {"params": quadratic form of the parameter count,
+        # "threshold_params"}; None where the variants showed no such term.
         self.memory = memory
         self.channels = [int(c) for c in channels]
         self.layers = layers
@@ -310,7 +319,13 @@ class LatencyTable:
             return group, const, scale, step, block
 
         self._in, self._out = dims("cin"), dims("cout")
-        self._coef = np.array([layer.coef for layer in self.layers], dtype=float).reshape(-1, 5)
+        self._coef = np.array([layer.coef for layer in self.layers], dtype=float).reshape(-1, N_FEATURES)
+
+    def excess(self, keep: Sequence[float] | np.ndarray) -> float:
+        """Millions of parameters the plan has beyond the table's cache threshold (0 without the term)."""
+        if not self.memory:
+            return 0.0
+        return _excess(self.memory, _quad(self.memory["params"], np.asarray(keep, dtype=float)))
 
     @staticmethod
     def _dim_values(keep: np.ndarray, d: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -322,15 +337,12 @@ class LatencyTable:
     def layer_times(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
         k = np.asarray(keep, dtype=float)
         (ci, bi), (co, bo) = self._dim_values(k, self._in), self._dim_values(k, self._out)
-        c = self._coef
-        return c[:, 0] + c[:, 1] * ci * co + c[:, 2] * ci + c[:, 3] * co + c[:, 4] * bi * bo
+        c, x = self._coef, self.excess(k)
+        return c[:, 0] + c[:, 1] * ci * co + c[:, 2] * ci + c[:, 3] * co + c[:, 4] * bi * bo + c[:, 5] * ci * co * x
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
         """Predicted end-to-end median latency (ms) of the network pruned to `keep` channels per group."""
-        total = self.alpha * self.layer_times(keep).sum() + self.beta
-        if self.memory:
-            total += _memory_ms(self.memory, _quad(self.memory["params"], np.asarray(keep, dtype=float)))
-        return float(total)
+        return float(self.alpha * self.layer_times(keep).sum() + self.beta)
 
     def group_steps(self) -> dict[str, dict[str, Any]]:
         """The alignment staircase per group: the step its layers run at, and where that was seen."""
@@ -346,12 +358,12 @@ class LatencyTable:
             out[name] = {"step": int(step), "layers": len(seen), "source": "+".join(sources)}
         return out
 
-    def grids_for_solver(self, base: ChannelGrid) -> list[ChannelGrid]:
-        """Per-group channel grid for the solver: `base` (the target's grid), coarsened to the step the
-        table measured for a group where that is coarser and still leaves the group a choice."""
+    def grids_for_solver(self, bases: list[ChannelGrid]) -> list[ChannelGrid]:
+        """Per-group channel grid for the solver: `bases` (the target's grid for each group), coarsened
+        to the step the table measured for a group where that is coarser and still leaves a choice."""
         steps = self.group_steps()
         out = []
-        for name, c in zip(self.group_names, self.channels):
+        for name, c, base in zip(self.group_names, self.channels, bases):
             found = steps.get(name, {})
             step = int(found.get("step", 1))
             coarse = base.with_step(step, f"latency table ({found.get('source')})") if step > 1 else base
@@ -410,8 +422,8 @@ class WholeNetworkModel:
     def group_steps(self) -> dict[str, dict[str, Any]]:
         return {}
 
-    def grids_for_solver(self, base: ChannelGrid) -> list[ChannelGrid]:
-        return [base] * len(self.group_names)
+    def grids_for_solver(self, bases: list[ChannelGrid]) -> list[ChannelGrid]:
+        return list(bases)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key, "provenance": self.provenance,
@@ -432,9 +444,9 @@ def _plain_form(form: dict) -> dict:
     return {"c0": float(form["c0"]), "a": np.asarray(form["a"]).tolist(), "q": np.asarray(form["q"]).tolist()}
 
 
-def _memory_ms(memory: dict, params: float) -> float:
-    """The calibration's memory-cliff term for a plan with `params` parameters (see `_calibrate`)."""
-    return memory["ms_per_param"] * max(params - memory["threshold_params"], 0.0)
+def _excess(memory: dict, params: np.ndarray | float) -> np.ndarray | float:
+    """Parameters beyond the cache threshold, in millions: the weight-traffic feature's plan factor."""
+    return np.maximum(np.asarray(params, dtype=float) - memory["threshold_params"], 0.0) / 1e6
 
 
 def _plain_memory(memory: dict | None) -> dict | None:
@@ -451,8 +463,8 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
                       grid: ChannelGrid | None = None, params_form: dict | None = None) -> LatencyTable:
     """Fit the per-layer model to profiled variants (the first should be the full-width network).
 
-    `params_form` (the cost model's parameter count as a quadratic form) lets the calibration add
-    a whole-network memory term where the variants show one (see `_calibrate`)."""
+    `params_form` (the cost model's parameter count as a quadratic form) lets the fit add the
+    weight-traffic term where the variants show one (see `_adopt_memory_term`)."""
     if len(samples) < 5:
         raise BadInput(f"a latency table needs at least 5 profiled variants, got {len(samples)}")
     if any(s.profile is None or not s.profile.layers for s in samples):
@@ -463,40 +475,43 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
     layers = [LayerModel(p.name, p.op, _identify(p.cin, keeps), _identify(p.cout, keeps)) for p in positions]
     times = np.stack([p.times for p in positions])  # [L, V]
     totals = np.array([s.total_ms for s in samples])
+    params = np.array([s.params for s in samples], dtype=float)
+    excess = np.zeros(len(samples))  # each variant's parameter excess (millions); set where the term is adopted
 
     def fit_all(layer_idx: Sequence[int], rows: np.ndarray) -> float:
         err = 0.0
         for i in layer_idx:
-            coef, e = _fit_layer(layers[i].features(keeps[rows]), times[i, rows], 1.0 / totals[rows])
+            coef, e = _fit_layer(layers[i].features(keeps[rows], excess[rows]), times[i, rows], 1.0 / totals[rows])
             layers[i].coef = coef.tolist()
             err += e
         return err
 
     all_rows = np.arange(len(samples))
+    memory = None
+    if params_form is not None:
+        memory = _adopt_memory_term(params, params_form, excess, fit_all, range(len(layers)), all_rows)
     fit_all(range(len(layers)), all_rows)
     _adopt_hidden_steps(layers, keeps, times, fit_all, all_rows)
 
-    params = np.array([s.params for s in samples], dtype=float)
+    def calibrate(rows: np.ndarray) -> tuple[float, float]:
+        sums = np.array([sum(layer.predict(keeps[v], excess[v]) for layer in layers) for v in rows])
+        return _calibrate(sums, totals[rows])
 
-    def calibrate(rows: np.ndarray) -> tuple[float, float, dict | None]:
-        sums = np.array([sum(layer.predict(keeps[v]) for layer in layers) for v in rows])
-        return _calibrate(sums, totals[rows], params[rows], params_form)
-
-    alpha, beta, memory = calibrate(all_rows)
+    alpha, beta = calibrate(all_rows)
     table = LatencyTable(group_names, channels, layers, alpha, beta, provenance=provenance, key=key, grid=grid,
                          memory=memory)
     fit = {"variants": len(samples), "layers": len(layers), "profiler_overhead_ms_per_layer": overhead,
            "in_sample_mape_pct": _mape([table.predict(k) for k in keeps], totals),
            "profiled_over_measured": float(np.mean([s.profile.layer_sum_ms / s.total_ms for s in samples]))}
-    if loo:  # leave-one-out: refit without each variant and predict it (an honest in-table error)
+    if loo:  # leave-one-out: refit without each variant and predict it (an honest in-table error;
+        # the steps and the memory threshold chosen on all variants are kept)
         saved = [list(layer.coef) for layer in layers]
         preds = []
         for v in range(len(samples)):
             rows = np.delete(all_rows, v)
             fit_all(range(len(layers)), rows)
-            a, b, mem = calibrate(rows)
-            extra = _memory_ms(mem, params[v]) if mem else 0.0
-            preds.append(a * sum(layer.predict(keeps[v]) for layer in layers) + b + extra)
+            a, b = calibrate(rows)
+            preds.append(a * sum(layer.predict(keeps[v], excess[v]) for layer in layers) + b)
         for layer, coef in zip(layers, saved):
             layer.coef = coef
         fit["leave_one_out_mape_pct"] = _mape(preds, totals)
@@ -505,43 +520,42 @@ def fit_latency_table(group_names: list[str], channels: list[int], samples: Sequ
     return table
 
 
-def _calibrate(sums: np.ndarray, totals: np.ndarray, params: np.ndarray,
-               params_form: dict | None) -> tuple[float, float, dict | None]:
-    """total = alpha * (sum of layer predictions) + beta [+ gamma * max(params - threshold, 0)].
+def _calibrate(sums: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
+    """total = alpha * (sum of layer predictions) + beta.
 
     beta may be negative: the profiler adds a fixed overhead to every layer it times. Rows are
     weighted by 1 / measured, so the fit minimises relative error: plans span 50x in latency, and
     an absolute fit sacrifices the small ones (VGG-11's smallest plans came out negative).
-
-    The optional term is the memory cliff: once a plan's weights no longer fit the last-level
-    cache, every layer waits on DRAM, which no per-layer model sees (each layer's time depends on
-    what the others evicted). VGG-11 on the 2-core VM: 0.1 ms per MB of fp32 weights up to 14 MB,
-    0.14 above 22 MB (L3: 32 MB, shared). It is adopted, with the threshold at one of the variants'
-    parameter counts, only where it cuts the squared relative error by at least _STEP_GAIN.
     """
-    w = 1.0 / totals
-
-    def solve(columns: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        a = np.stack(columns, axis=1) * w[:, None]
-        coef, *_ = np.linalg.lstsq(a, np.ones_like(totals), rcond=None)
-        resid = a @ coef - 1.0
-        return coef, float(resid @ resid)
-
-    ones = np.ones_like(sums)
-    (alpha, beta), base_err = solve([sums, ones])
+    a = np.stack([sums, np.ones_like(sums)], axis=1) / totals[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(a, np.ones_like(totals), rcond=None)
     if not alpha > 0:  # degenerate (all variants alike): fall back to a pure ratio
-        return float(totals.sum() / max(sums.sum(), 1e-12)), 0.0, None
-    best: tuple[float, np.ndarray, float] | None = None
-    if params_form is not None and len(totals) >= 6:
-        for threshold in np.unique(params)[1:-2]:  # at least two plans above the cliff, one below
-            coef, err = solve([sums, ones, np.maximum(params - threshold, 0.0)])
-            if coef[0] > 0 and coef[2] > 0 and (best is None or err < best[0]):
-                best = (err, coef, float(threshold))
+        return float(totals.sum() / max(sums.sum(), 1e-12)), 0.0
+    return float(alpha), float(beta)
+
+
+def _adopt_memory_term(params: np.ndarray, params_form: dict, excess: np.ndarray, fit_all, layer_idx,
+                       rows: np.ndarray) -> dict | None:
+    """Choose the cache threshold for the weight-traffic term, or none.
+
+    Each candidate threshold is one of the variants' parameter counts (at least two variants above
+    it, one below); the one with the least squared relative error over all layers wins, and the term
+    is kept only where it cuts that error by _STEP_GAIN. `excess` is set in place for the fit."""
+    excess[:] = 0.0
+    base_err = fit_all(layer_idx, rows)
+    best: tuple[float, float] | None = None
+    if len(rows) >= 6:
+        for threshold in np.unique(params)[1:-2]:
+            excess[:] = _excess({"threshold_params": threshold}, params)
+            err = fit_all(layer_idx, rows)
+            if best is None or err < best[0]:
+                best = (err, float(threshold))
     if best is None or best[0] > (1 - _STEP_GAIN) * base_err:
-        return float(alpha), float(beta), None
-    _, (alpha, beta, gamma), threshold = best
-    return float(alpha), float(beta), {"params": params_form, "threshold_params": threshold,
-                                       "ms_per_param": float(gamma)}
+        excess[:] = 0.0
+        return None
+    memory = {"params": params_form, "threshold_params": best[1]}
+    excess[:] = _excess(memory, params)
+    return memory
 
 
 def _adopt_hidden_steps(layers: list[LayerModel], keeps: np.ndarray, times: np.ndarray, fit_all, rows) -> None:

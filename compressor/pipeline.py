@@ -177,7 +177,7 @@ def minimum_keep(groups: list[PrunableGroup], ratio: float,
                  alignment: int | ChannelGrid | list[int | ChannelGrid]) -> list[int]:
     """The smallest width each group may have: a ratio of its channels, on its grid, never 0."""
     counts = []
-    for g, grid in zip(groups, as_grids(alignment, len(groups))):
+    for g, grid in zip(groups, as_grids(alignment, len(groups), groups)):
         low = max(g.min_keep, math.ceil(ratio * g.channels), 1)
         counts.append(grid.minimum(g.channels, low) if g.prunable else g.channels)
     return counts
@@ -277,7 +277,7 @@ def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_
     allocation = solve_allocation(
         names=[g.name for g in groups], channels=[g.channels for g in groups],
         importance=[importance.get(g.name, 1.0) for g in groups], prunable=[g.prunable for g in groups],
-        cost_fn=cost_fn, budget=budget, alignment=ctx.grid if alignment is None else alignment,
+        cost_fn=cost_fn, budget=budget, alignment=ctx.grid.per_group(groups) if alignment is None else alignment,
         min_keep=min_keep,
         min_keep_ratio=ctx.config.min_keep_ratio, utility=ctx.config.utility, cost_grad=cost_grad)
     ctx.timings["solve"] += time.perf_counter() - started
@@ -354,7 +354,7 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     so a miss moves the next plan by the measured error. Predicted-only jobs (no device here) stop
     after the first solve: there is nothing to measure.
     """
-    alignment = latency_model.grids_for_solver(ctx.grid)
+    alignment = latency_model.grids_for_solver(ctx.grid.per_group(groups))
     min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, alignment)
     min_keep_map = dict(zip(cost_model.group_names, min_keep))
     min_vec = np.array(min_keep)

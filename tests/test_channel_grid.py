@@ -65,3 +65,52 @@ def test_onnxruntime_kernel_alignment_is_the_padding_its_profiler_reports(tmp_pa
     profile = OnnxRuntimeCPU(intra_op_threads=1).profile_layers(path, (1, 3, 8, 8), warmup=2, runs=5)
     convs = [layer for layer in profile.layers if "conv" in layer.op.lower()]
     assert convs and all(layer.out_channels == block for layer in convs), [(c.op, c.out_channels) for c in convs]
+
+
+def test_groups_through_a_depthwise_conv_get_the_depthwise_rule():
+    from compressor.groups import discover_groups
+    from compressor.models import create_model
+    from compressor.pipeline import minimum_keep
+
+    grid = ChannelGrid(step=16, free_below=16, source="probe", depthwise_free_below=0)
+    assert grid.for_group(False) == ChannelGrid(16, 16, "probe")
+    assert grid.for_group(True) == ChannelGrid(16, 0, "probe")
+    assert ChannelGrid(16, 16).for_group(True) == ChannelGrid(16, 16)  # no separate rule: the same grid
+    assert ChannelGrid.from_dict(grid.to_dict()) == grid
+    assert "not through depthwise convs" in grid.describe()
+    assert ChannelGrid.for_target(1, KernelAlignment(16, 16, 0, "p")) == grid.__class__(16, 16, "p", 0)
+    assert ChannelGrid.for_target(1, KernelAlignment(16, 16, 16, "p")).depthwise_free_below is None
+
+    x = torch.zeros(1, 3, 32, 32)
+    mobile = discover_groups(create_model("mobilenetv2", num_classes=10, in_channels=3).eval(), x)
+    flagged = [g for g in mobile if g.depthwise]
+    assert flagged and len(flagged) < len(mobile)  # expansion groups run through the depthwise conv
+    assert "through a depthwise conv" in str(flagged[0])
+    lows = minimum_keep(mobile, 0.1, grid)
+    for g, low in zip(mobile, lows):
+        if g.prunable:
+            assert low in grid.for_group(g.depthwise).widths(g.channels), (g.name, low)
+            assert not g.depthwise or low % 16 == 0 or low == g.channels
+    resnet = discover_groups(create_model("resnet20", num_classes=10, in_channels=3).eval(), x)
+    assert not any(g.depthwise for g in resnet)
+
+
+def test_onnxruntime_pads_depthwise_convs_as_its_probe_says(tmp_path):
+    """A depthwise conv at half the block inside a network: the probe's rule is what ORT's profiler
+    reports (padded to the full block, so those counts save nothing there)."""
+    block = nchwc_block_size()
+    if block <= 1:
+        pytest.skip("this CPU's ONNX Runtime uses no NCHWc kernels")
+    alignment = OnnxRuntimeCPU(intra_op_threads=1).kernel_alignment()
+    c = block // 2
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(c, c, 3, padding=1, groups=c), torch.nn.ReLU(),
+                              torch.nn.Conv2d(c, 7, 1)).eval()
+    path = tmp_path / "depthwise.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 8, 8), path, dynamo=False)
+    profile = OnnxRuntimeCPU(intra_op_threads=1).profile_layers(path, (1, 3, 8, 8), warmup=2, runs=5)
+    convs = [layer for layer in profile.layers if "conv" in layer.op.lower()]
+    assert len(convs) == 3, [(c.name, c.op) for c in convs]
+    depthwise = convs[1]
+    assert (depthwise.out_channels == block) == (alignment.depthwise_free_below == 0), \
+        (depthwise.out_channels, alignment)

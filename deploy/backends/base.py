@@ -89,10 +89,12 @@ class LayerProfile:
 @dataclass(frozen=True)
 class KernelAlignment:
     """Channel counts a backend's kernels run without padding: multiples of `step`, and any count
-    below `free_below` (kernels that take a narrow input as it is). `source` says how it was found."""
+    below `free_below` (kernels that take a narrow input as it is), or below `depthwise_free_below`
+    for channels that pass through a depthwise conv. `source` says how it was found."""
 
     step: int = 1
     free_below: int = 0
+    depthwise_free_below: int | None = None  # None: the same as free_below
     source: str = "none"
 
 
