@@ -49,8 +49,8 @@ class PrunableGroup:
     min_keep: int
     activation_module: str
     reason: str = ""  # why the group is kept whole; empty when prunable
-    # A member is a depthwise conv: some runtimes pad those to their channel block at any width
-    # (ChannelGrid.per_group).
+    # A member is a depthwise conv: some runtimes treat narrow depthwise convs unlike dense ones
+    # (ONNX Runtime pads them to its channel block or switches kernels; ChannelGrid.per_group).
     depthwise: bool = False
     # For each "out" member: its own output-channel index for each group channel
     # (differs from range(channels) after a concat). Used by channel scoring.

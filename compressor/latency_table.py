@@ -19,7 +19,7 @@ Where the variants show it, each layer also gets a weight-traffic term,
 caches hold (P0, chosen from the variants), every weight a layer reads costs more, in proportion to
 how far the plan is past it. No single layer's widths show this: it depends on what the *other*
 layers evicted. VGG-11 on the 2-core VM: its 512-channel layers cost 2.3 ns per c_in*c_out at
-2 M parameters and 3.5 ns at 8 M; held-out error 12.4% without the term, 2.4% with it.
+2 M parameters and 3.5 ns at 8 M; held-out error 12.4% without the term, 2.5% with it.
 
 The per-layer sum is calibrated to the end-to-end median measured without the profiler
 (``total = alpha * sum + beta``): profilers add overhead per layer, and the runtime has overhead
@@ -298,7 +298,7 @@ class LatencyTable:
         self.grid = grid or ChannelGrid()  # the grid the variants were drawn on: where the table is valid
         # Where the weight-traffic term applies: {"params": quadratic form of the parameter count,
         # "threshold_params"}; None where the variants showed no such term.
-        self.memory = memory
+        self.memory = None if memory is None else {**memory, "params": _array_form(memory["params"])}
         self.channels = [int(c) for c in channels]
         self.layers = layers
         self.alpha, self.beta = float(alpha), float(beta)
@@ -412,7 +412,7 @@ class WholeNetworkModel:
         self.group_names, self.channels = list(group_names), [int(c) for c in channels]
         self.grid = grid or ChannelGrid()
         self.coef = np.asarray(coef, dtype=float)
-        self.macs, self.params = macs, params  # {"c0", "a", "q"} quadratic forms
+        self.macs, self.params = _array_form(macs), _array_form(params)  # {"c0", "a", "q"} quadratic forms
         self.provenance, self.key, self.fit = dict(provenance or {}), dict(key or {}), dict(fit or {})
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
@@ -437,7 +437,13 @@ LatencyModel = LatencyTable | WholeNetworkModel
 
 def _quad(form: dict, k: np.ndarray) -> float:
     """c0 + a.k + k'Qk: the cost model's exact MACs or parameter count of a plan."""
-    return float(form["c0"] + np.dot(form["a"], k) + k @ np.asarray(form["q"]) @ k)
+    return float(form["c0"] + np.dot(form["a"], k) + k @ form["q"] @ k)
+
+
+def _array_form(form: dict) -> dict:
+    """A quadratic form with numpy arrays (a table read from JSON has lists): converted once, not on
+    every predict, which the solver calls thousands of times."""
+    return {"c0": float(form["c0"]), "a": np.asarray(form["a"], dtype=float), "q": np.asarray(form["q"], dtype=float)}
 
 
 def _plain_form(form: dict) -> dict:

@@ -78,7 +78,7 @@ def test_groups_through_a_depthwise_conv_get_the_depthwise_rule():
     assert ChannelGrid(16, 16).for_group(True) == ChannelGrid(16, 16)  # no separate rule: the same grid
     assert ChannelGrid.from_dict(grid.to_dict()) == grid
     assert "not through depthwise convs" in grid.describe()
-    assert ChannelGrid.for_target(1, KernelAlignment(16, 16, 0, "p")) == grid.__class__(16, 16, "p", 0)
+    assert ChannelGrid.for_target(1, KernelAlignment(16, 16, 0, "p")) == ChannelGrid(16, 16, "p", 0)
     assert ChannelGrid.for_target(1, KernelAlignment(16, 16, 16, "p")).depthwise_free_below is None
 
     x = torch.zeros(1, 3, 32, 32)

@@ -100,8 +100,8 @@ class OnnxRuntimeCPU(Backend):
         # A dense conv narrower than the block reads its input as it is. A depthwise conv narrower
         # than the block is padded to it (widths that are multiples of 4) or falls back to a plain
         # NCHW kernel with layout conversions around it (other widths): no count below the block
-        # saves what it should there, and the latency table cannot fit the mix (MobileNetV2's
-        # held-out error fell from 7.1% to 1.9% without them). Ask the runtime rather than assume.
+        # saves what it should there, and the latency table cannot fit the mix (without them,
+        # MobileNetV2's held-out error went from 7.1% to 4.1-5.4%). Ask the runtime, don't assume.
         half = block // 2
         depthwise_padded = nchwc_filter_dims(half, half, groups=half)[:1] == (block,)
         return KernelAlignment(step=block, free_below=block, depthwise_free_below=0 if depthwise_padded else block,
