@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench-solver bench-importance bench-shapley bench-ranking bench-latency
+.PHONY: venv demo test clean bench bench-quick bench-solver bench-importance bench-shapley bench-ranking bench-latency
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Benches (results committed in bench/results/). Trained weights are cached in runs/bench/.
+# The peer benchmark (issue 6): compressor vs uniform-l1, torch-pruning-global, halp-knapsack, itpruner at
+# measured latency budgets. Rows are cached in runs/bench/peers/ (a stopped run resumes); results, tables
+# and Pareto plots land in bench/results/ (quick: bench/results/quick/). bench-quick: ResNet-20 on digits,
+# seed 0, both budgets, all six methods (~10 min on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python -m bench.peers
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.peers --quick
+
+# Other benches (results committed in bench/results/). Trained weights are cached in runs/bench/.
 # Run them alone: another process on a 2-core machine distorts both timings and threads.
 bench-solver: $(STAMP)
 	$(BIN)/python bench/solver_resnet56.py --epochs 12

@@ -67,6 +67,8 @@ DEFAULT_MAX_BATCH_ELEMENTS = 1 << 26
 CPU_MAX_BATCH_ELEMENTS = 1 << 20
 # Memoised coalition values per game: about 128 MiB of keys at most.
 _CACHE_BYTES = 1 << 27
+# Layout of ShapleyRanker.state_dict; a saved state of another version is not loaded.
+RANKER_STATE_VERSION = 1
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -678,6 +680,9 @@ class ShapleyRanker:
     ``indifference`` (default 0: resolve every channel) stops refining a channel once its interval
     half-width is below ``indifference`` x the mean |value| of the group: swapping two channels that
     close changes the pruned loss by about that much, and resolving near-ties is what costs most.
+
+    ``state_dict`` / ``load_state_dict`` carry the estimates and each group's generator, so the initial
+    pass (the same for every budget) can be cached and refined later exactly as if it had just run.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[PrunableGroup], calib_x: torch.Tensor, *,
@@ -791,3 +796,81 @@ class ShapleyRanker:
                  "forward_rows": (game.forward_rows if game is not None else 0) + previous.get("forward_rows", 0)}
         self.report[g.name] = entry
         return ranking
+
+    # -- persistence: the initial pass is the expensive part and the same for every budget
+
+    def _settings(self) -> dict:
+        """What decides the sampled permutations (the refinement settings only act on later calls)."""
+        return {"seed": self.seed, "initial_permutations": self.initial_permutations, "loss": self.loss}
+
+    def state_dict(self) -> dict:
+        """The estimates so far: per group the accumulator, the generator state and the report entry.
+
+        Only tensors and plain values, so ``torch.load(..., weights_only=True)`` reads it back; a ranker
+        given it with ``load_state_dict`` continues exactly where this one is (same samples, same values).
+        """
+        return {"version": RANKER_STATE_VERSION, "settings": self._settings(),
+                "groups": {name: {"accumulator": acc.state_dict(), "generator": self._gen[name].get_state(),
+                                  "report": dict(self.report.get(name, {}))}
+                           for name, acc in self._acc.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (``state_dict`` of a ranker on the same groups and settings).
+
+        Everything is checked before anything is replaced: BadInput (one line) leaves the ranker as it was.
+        """
+        groups = _check_ranker_state(state, self._settings())
+        prunable = {name: g.channels for name, g in self.groups.items() if g.prunable}
+        if set(groups) != set(prunable):
+            extra, missing = sorted(set(groups) - set(prunable)), sorted(set(prunable) - set(groups))
+            raise BadInput(f"the Shapley state is for other groups (not here: {extra or 'none'}; "
+                           f"missing: {missing or 'none'})")
+        accs, gens, reports = {}, {}, {}
+        for name, entry in groups.items():
+            acc = ShapleyAccumulator.from_state_dict(entry["accumulator"])
+            if acc.n_players != prunable[name]:
+                raise BadInput(f"the Shapley state has {acc.n_players} channels for group {name!r}, "
+                               f"which has {prunable[name]}")
+            accs[name], gens[name] = acc, _generator_from_state(entry["generator"], name)
+            reports[name] = _check_report(entry["report"], name)
+        self._acc, self._gen, self.report = accs, gens, reports
+        self.rankings = {name: GroupRanking(values=acc.values, stderr=acc.stderr, evaluations=acc.evaluations,
+                                            permutations=acc.permutations, stable=bool(reports[name].get("stable", True)),
+                                            kept=None, counts=acc.counts)
+                         for name, acc in accs.items()}
+
+
+def _check_ranker_state(state: object, settings: dict) -> dict:
+    """The per-group entries of a ``ShapleyRanker.state_dict``, after checking its frame."""
+    if not isinstance(state, dict) or not isinstance(state.get("groups"), dict):
+        raise BadInput("the Shapley state is not a ShapleyRanker.state_dict (no 'groups' dict)")
+    if state.get("version") != RANKER_STATE_VERSION:
+        raise BadInput(f"the Shapley state has version {state.get('version')!r}, expected {RANKER_STATE_VERSION}")
+    if state.get("settings") != settings:
+        raise BadInput(f"the Shapley state was sampled with {state.get('settings')!r}, this ranker uses {settings!r}")
+    for name, entry in state["groups"].items():
+        if not isinstance(entry, dict) or not {"accumulator", "generator", "report"} <= set(entry):
+            raise BadInput(f"the Shapley state's entry for group {name!r} lacks accumulator, generator or report")
+    return state["groups"]
+
+
+def _generator_from_state(gen_state: object, name: str) -> torch.Generator:
+    """A CPU generator continuing from a saved ``get_state()``."""
+    if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8:
+        raise BadInput(f"the Shapley state's generator for group {name!r} is not a uint8 tensor")
+    gen = torch.Generator()
+    try:
+        gen.set_state(gen_state.detach().cpu().clone())
+    except RuntimeError as exc:
+        raise BadInput(f"the Shapley state's generator for group {name!r} is not a generator state "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return gen
+
+
+def _check_report(report: object, name: str) -> dict:
+    """A report entry: plain numbers, bools and None by field name (what ``_score_group`` writes)."""
+    if (not isinstance(report, dict)
+            or not all(isinstance(k, str) and (v is None or isinstance(v, (bool, int, float)))
+                       for k, v in report.items())):
+        raise BadInput(f"the Shapley state's report for group {name!r} is not a dict of plain numbers")
+    return dict(report)

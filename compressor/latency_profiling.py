@@ -77,11 +77,15 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def cache_root() -> Path:
+    """$COMPRESS_CACHE_DIR, else ~/.cache/edge-compressor: every on-disk cache has its folder in here."""
+    root = os.environ.get("COMPRESS_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "edge-compressor"
+
+
 def cache_dir() -> Path:
     """$COMPRESS_CACHE_DIR/latency-tables, else ~/.cache/edge-compressor/latency-tables."""
-    root = os.environ.get("COMPRESS_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "edge-compressor"
-    return base / "latency-tables"
+    return cache_root() / "latency-tables"
 
 
 def load_table_file(path: str | os.PathLike) -> LatencyModel:

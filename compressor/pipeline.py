@@ -40,6 +40,7 @@ from compressor.model_loading import build_model, check_input_shape, load_weight
 from compressor.pruning import apply_plan, save_pruned
 from compressor.report import build_report, write_report
 from compressor.run_directory import RunDirectory
+from compressor.shapley_cache import load_initial_pass, save_initial_pass, shapley_cache_key, shapley_cache_path
 from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
 from deploy.backends import backend_for_profile
 from deploy.backends.base import Backend, Measurement
@@ -196,7 +197,8 @@ class ChannelRanking:
     values once (``--shapley-permutations`` antithetic permutations on ``--shapley-samples``
     calibration samples) and refines them around the *final* plan's cut only: the closed loop's
     trial plans are measured for latency, which depends on how many channels are kept, not on
-    which, so they use the unrefined values.
+    which, so they use the unrefined values. The initial pass does not depend on the budget: it is
+    cached on disk (``compressor.shapley_cache``) and a rerun with another budget starts from it.
     """
 
     def __init__(self, ctx: JobContext, model: torch.nn.Module, groups: list[PrunableGroup]):
@@ -209,6 +211,7 @@ class ChannelRanking:
         self.samples = min(ctx.config.shapley_samples, int(ctx.data.calib_x.shape[0]))
         self._fixed: dict[str, torch.Tensor] | None = None
         self._shapley: ShapleyRanker | None = None
+        self.initial_pass_source: str | None = None  # where prepare() got the Shapley initial pass
         if self.method == "shapley":
             self._shapley = ShapleyRanker(model, [g for g in groups if g.prunable], ctx.data.calib_x[:self.samples],
                                           loss="kd", seed=ctx.config.seed,
@@ -227,8 +230,35 @@ class ChannelRanking:
         """
         if self._shapley is not None:
             started = time.perf_counter()
-            self._shapley_scores(None, f"{self.config.shapley_permutations} permutations")
+            self._initial_pass()
             self.timings["ranking"] += time.perf_counter() - started
+
+    def _initial_pass(self) -> None:
+        """The initial permutations from the disk cache, or computed and cached before any refinement
+        (so a later run with another budget refines from exactly the same state as this one)."""
+        ranker = self._shapley
+        assert ranker is not None
+        key = shapley_cache_key(ranker.model, ranker.calib_x, seed=ranker.seed,
+                                initial_permutations=ranker.initial_permutations, loss=ranker.loss,
+                                groups=list(ranker.groups.values()), calib_y=ranker.calib_y,
+                                max_batch_elements=ranker.max_batch_elements)
+        path = shapley_cache_path(key)
+        state = load_initial_pass(path, key, warn=self.console.warn)
+        if state is not None:
+            try:
+                ranker.load_state_dict(state)
+            except BadInput as exc:  # a damaged cache entry is recomputed, never trusted
+                self.console.warn(f"ignoring the cached Shapley initial pass {path}: {exc}")
+            else:
+                self.initial_pass_source = f"cache: {path}"
+                self.console.info(f"Shapley channel values: initial pass from the cache ({path})")
+                return
+        self._shapley_scores(None, f"{self.config.shapley_permutations} permutations")
+        self.initial_pass_source = "computed in this run"
+        try:
+            save_initial_pass(path, key, ranker.state_dict())
+        except OSError as exc:
+            self.console.warn(f"could not cache the Shapley initial pass in {path.parent}: {exc}")
 
     def _shapley_scores(self, keep: dict[str, int] | None, what: str) -> dict[str, torch.Tensor]:
         assert self._shapley is not None
@@ -238,6 +268,8 @@ class ChannelRanking:
 
     def plan(self, keep: dict[str, int], *, refine: bool = True) -> ChannelPlan:
         """The kept channels for `keep`; refine=False: a plan that is only measured for latency."""
+        if self._shapley is not None and self.initial_pass_source is None:
+            self.prepare()  # a resumed job whose search was saved: the same initial pass (cached) first
         started = time.perf_counter()
         wanted = {g.name: int(keep[g.name]) for g in self.groups if g.prunable}
         if self._shapley is None:
@@ -251,7 +283,8 @@ class ChannelRanking:
         return plan
 
     def summary(self) -> dict:
-        """For the report: the method and, for Shapley, evaluations spent per group."""
+        """For the report: the method and, for Shapley, evaluations spent per group and where the initial
+        pass came from (None: prepare() did not run: nothing was pruned)."""
         if self._shapley is None:
             return {"method": self.method}
         groups = self._shapley.report
@@ -259,6 +292,7 @@ class ChannelRanking:
                 "initial_permutations": self.config.shapley_permutations,
                 "max_evaluations_per_group": self.config.shapley_evaluations,
                 "confidence": self._shapley.confidence, "indifference": self._shapley.indifference,
+                "initial_pass": self.initial_pass_source,
                 "evaluations": sum(g["evaluations"] for g in groups.values()),
                 "stable_groups": sum(bool(g["stable"]) for g in groups.values()), "groups": groups}
 

@@ -77,6 +77,24 @@ def _check_tol(tol: float | None) -> float | None:
     return float(tol)
 
 
+def _check_ends(ends: object) -> tuple[float, float] | None:
+    """v(all), v(none) as stored by ``ShapleyAccumulator.state_dict`` (None before any permutation)."""
+    if ends is None:
+        return None
+    if (not isinstance(ends, (list, tuple)) or len(ends) != 2
+            or not all(isinstance(v, float) and math.isfinite(v) for v in ends)):
+        raise BadInput(f"a Shapley accumulator state's ends must be None or two finite floats, got {ends!r}")
+    return float(ends[0]), float(ends[1])
+
+
+def _check_stat(value: object, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A per-player statistic from a saved state: a [n] tensor of `dtype`, copied to the CPU."""
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != (n,):
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise BadInput(f"a Shapley accumulator state's {name} must be a {dtype} tensor of shape [{n}], got {got}")
+    return value.detach().to("cpu").clone()
+
+
 def _as_generator(generator: torch.Generator | int) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
@@ -239,6 +257,37 @@ class ShapleyAccumulator:
     def counts(self) -> torch.Tensor:
         """Samples per player (int64)."""
         return self._count.clone()
+
+    # -- persistence
+    def state_dict(self) -> dict:
+        """Everything needed to continue sampling later: plain numbers and CPU tensors (copies), so
+        ``torch.load(..., weights_only=True)`` reads it back; a restored accumulator merges new samples
+        bit-identically to this one."""
+        return {"n_players": self.n_players, "evaluations": self.evaluations, "calls": self.calls,
+                "permutations": self.permutations,
+                "ends": None if self.ends is None else [float(self.ends[0]), float(self.ends[1])],
+                "count": self._count.clone(), "mean": self._mean.clone(), "m2": self._m2.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ShapleyAccumulator":
+        """The accumulator ``state_dict`` described; BadInput (one line) when `state` is not one."""
+        if not isinstance(state, dict):
+            raise BadInput(f"a Shapley accumulator state must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("n_players", "evaluations", "calls", "permutations", "ends", "count", "mean", "m2")
+                   if k not in state]
+        if missing:
+            raise BadInput(f"a Shapley accumulator state lacks {', '.join(missing)}")
+        acc = cls(_check_int(state["n_players"], "n_players", 1))
+        for name in ("evaluations", "calls", "permutations"):
+            setattr(acc, name, _check_int(state[name], name, 0))
+        acc.ends = _check_ends(state["ends"])
+        n = acc.n_players
+        acc._count = _check_stat(state["count"], "count", torch.long, n)
+        acc._mean = _check_stat(state["mean"], "mean", torch.float64, n)
+        acc._m2 = _check_stat(state["m2"], "m2", torch.float64, n)
+        if (acc._count < 0).any():
+            raise BadInput("a Shapley accumulator state has negative sample counts")
+        return acc
 
     def _merge(self, players: torch.Tensor, samples: torch.Tensor) -> None:
         """Fold samples[r] of player players[r] into the running statistics."""

@@ -1,0 +1,140 @@
+"""What every method shares in one (model, data, seed) cell, and the steps they all take the same way.
+
+A cell holds the trained network (trained once per seed and cached), its data splits, its prunable
+groups and cost model, and the `cpu` target's backend with the profile's measurement settings.
+Methods call `measure` (counted: the bench reports how many latency measurements each method
+needed), `prune` (physical pruning through torch-pruning's dependency graph) and the harness calls
+`finetune` (the pipeline's recipe: BatchNorm re-estimation, then distillation from the dense model)
+on every method's result.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+import torch_pruning as tp
+
+from compressor.channel_grid import ChannelGrid
+from compressor.channel_ranking import select_top
+from compressor.cost_model import CostModel
+from compressor.data import DataSplits, load_data
+from compressor.groups import PrunableGroup, discover_groups
+from compressor.model_loading import build_model, load_weights
+from compressor.pruning import apply_plan
+from compressor.target_export import export_for_target
+from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
+from deploy.backends import backend_for_profile
+from deploy.backends.base import Backend
+from deploy.profiles import TargetProfile, load_profile
+
+FINETUNE_LR = 0.01  # compress's default --finetune-lr
+
+
+class StageClock:
+    """Seconds per stage of one row (``with clock("search"): ...``), for the wall-time columns."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class Cell:
+    """One (model, data, seed) cell of the grid; see the module docstring."""
+
+    model_name: str
+    data_name: str
+    seed: int
+    weights: Path
+    data: DataSplits
+    dense: torch.nn.Module
+    groups: list[PrunableGroup]
+    cost_model: CostModel
+    profile: TargetProfile
+    backend: Backend
+    grid: ChannelGrid
+    workdir: Path
+    finetune_epochs: int
+    measurements: int = 0
+    memo: dict = field(default_factory=dict)  # per-cell results methods reuse across budgets
+
+    @classmethod
+    def open(cls, model_name: str, data_name: str, seed: int, weights: Path, *, target: str, workdir: Path,
+             finetune_epochs: int) -> "Cell":
+        profile = load_profile(target)
+        backend = backend_for_profile(profile)
+        data = load_data(data_name, seed=seed)
+        dense = build_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
+        load_weights(dense, weights)
+        dense.eval()
+        x = torch.zeros(1, *data.input_shape)
+        groups = discover_groups(dense, x)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return cls(model_name=model_name, data_name=data_name, seed=seed, weights=weights, data=data, dense=dense,
+                   groups=groups, cost_model=CostModel.build(dense, x, groups), profile=profile, backend=backend,
+                   grid=ChannelGrid.for_target(profile.channel_alignment, backend.kernel_alignment()),
+                   workdir=workdir, finetune_epochs=finetune_epochs)
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, *self.data.input_shape)
+
+    @property
+    def prunable(self) -> list[PrunableGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def measure(self, net: torch.nn.Module, label: str) -> float:
+        """Median latency (ms) of `net` on the target, with the profile's warm-up, iterations and CV
+        re-take: the measurement `compress` makes. Counted in `measurements`."""
+        path = export_for_target(self.backend, net.eval(), self.example_input, self.workdir / f"{label}.onnx")
+        shape = (self.profile.batch_size, *self.data.input_shape)
+        result = self.backend.measure(path, shape, warmup=self.profile.warmup, iterations=self.profile.iterations,
+                                      max_cv=self.profile.max_cv)
+        self.measurements += 1
+        return float(result.latency.median_ms)
+
+    def prune(self, keep: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """A pruned copy of the dense network keeping, per group, the top-`keep` channels by `scores`."""
+        wanted = {g.name: int(keep[g.name]) for g in self.prunable}
+        return apply_plan(copy.deepcopy(self.dense), self.example_input,
+                          select_top({n: scores[n] for n in wanted}, wanted))
+
+    def finetune(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The pipeline's recipe, identical for every method: BN re-estimation, then distillation."""
+        recalibrate_bn(net, self.data.train_x)
+        finetune_with_distillation(net, self.dense, self.data, epochs=self.finetune_epochs, lr=FINETUNE_LR,
+                                   seed=self.seed)
+        return net.eval()
+
+    def accuracy(self, net: torch.nn.Module) -> float:
+        return float(evaluate(net.eval(), self.data.val_x, self.data.val_y))
+
+    def group_widths(self, net: torch.nn.Module) -> dict[str, int]:
+        """Each group's current width in `net` (a group is named after the module that produces it)."""
+        modules = dict(net.named_modules())
+        out = {}
+        for g in self.groups:
+            m = modules[g.name]
+            out[g.name] = int(m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features)
+        return out
+
+    def macs_of(self, net: torch.nn.Module) -> float:
+        """MACs from the pruned widths through the cost model (exact; no forward pass)."""
+        return float(self.cost_model.macs(self.group_widths(net)))
+
+    def macs_params(self, net: torch.nn.Module) -> tuple[float, float]:
+        """MACs and parameters as torch-pruning counts them, the same counter for every method."""
+        macs, params = tp.utils.count_ops_and_params(net.eval(), self.example_input)
+        return float(macs), float(params)

@@ -1,0 +1,161 @@
+"""Which rows a run covers, and running them resumably.
+
+A row is one method on one (model, data, seed) cell at one budget. Each finished row is saved as
+JSON under runs/bench/peers/rows/ (git-ignored), keyed by everything that decides its numbers
+(the recipe included), so an interrupted `make bench` continues where it stopped and
+`make bench-quick`'s rows count towards the full grid. The order is seed-major: a partial run
+covers every model and data set at seed 0 before it starts seed 1.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from bench.common import WORK, trained_weights
+from bench.peers.context import Cell, StageClock
+from bench.peers.methods import METHODS
+from deploy.atomic_io import atomic_write_text
+
+TARGET = "cpu"
+FINETUNE_EPOCHS = 3
+TRAIN_EPOCHS = {"digits": 8, "shapes": 12}
+TRAIN_LR = 0.05
+ROOT = WORK / "peers"
+
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...]
+    data: tuple[str, ...]
+    budgets: tuple[float, ...]  # fractions of the measured baseline latency
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+
+    def cells(self) -> Iterable[tuple[int, str, str]]:
+        for seed in self.seeds:
+            for model in self.models:
+                for data in self.data:
+                    yield seed, model, data
+
+    def size(self) -> int:
+        return len(self.models) * len(self.data) * len(self.budgets) * len(self.seeds) * len(self.methods)
+
+
+ALL_METHODS = ("compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global", "halp-knapsack",
+               "itpruner")
+FULL = Grid(models=("resnet20", "resnet56", "mobilenetv2"), data=("shapes", "digits"), budgets=(0.5, 0.7),
+            seeds=(0, 1, 2), methods=ALL_METHODS)
+QUICK = Grid(models=("resnet20",), data=("digits",), budgets=(0.5, 0.7), seeds=(0,), methods=ALL_METHODS)
+
+
+def row_path(method: str, model: str, data: str, budget: float, seed: int) -> Path:
+    recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}"
+    return ROOT / "rows" / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
+
+
+def load_row(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def commit() -> str:
+    """The checkout's commit, "-dirty" when it has uncommitted changes (such rows are not results)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def baseline_ms(cell: Cell) -> float:
+    """The dense architecture's measured latency for (model, data), measured once and kept: every
+    seed and method gets the same budget in milliseconds (latency does not depend on weights)."""
+    path = ROOT / "baselines.json"
+    known = load_row(path) or {}
+    key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
+    if key not in known:
+        known[key] = {"latency_ms": cell.measure(cell.dense, "baseline"), "measured_utc": _now(),
+                      "device": cell.backend.device_name()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=2) + "\n")
+    return float(known[key]["latency_ms"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accuracy: float) -> dict:
+    """One method at one budget: prune to the measured budget, fine-tune, measure the result."""
+    budget_ms = budget * base_ms
+    clock = StageClock()
+    before = cell.measurements
+    started = time.perf_counter()
+    row = {"method": method, "model": cell.model_name, "data": cell.data_name, "target": TARGET, "seed": cell.seed,
+           "budget_fraction": budget, "budget_ms": budget_ms, "baseline_ms": base_ms,
+           "dense_accuracy": dense_accuracy, "finetune_epochs": FINETUNE_EPOCHS, "commit": commit()}
+    try:
+        pruned = METHODS[method](cell, budget_ms, clock)
+    except Exception as exc:  # a peer that crashes is a result too: recorded, not hidden
+        row.update({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6),
+                    "wall_s": time.perf_counter() - started, "finished_utc": _now()})
+        return row
+    row.update({"notes": pruned.notes, "probes": pruned.probes, "search_latency_ms": pruned.search_latency_ms})
+    if pruned.model is None:
+        row.update({"met": False, "latency_ms": None, "accuracy": None, "flops": None, "params": None})
+    else:
+        net = pruned.model
+        if not pruned.finetuned:
+            with clock("finetune"):
+                net = cell.finetune(net)
+        with clock("final_measure"):
+            latency = cell.measure(net, f"{method}-final")
+        flops, params = cell.macs_params(net)
+        row.update({"latency_ms": latency, "met": latency <= budget_ms, "accuracy": cell.accuracy(net),
+                    "flops": flops, "params": params})
+    row.update({"wall_s": time.perf_counter() - started, "stage_s": {k: round(v, 3) for k, v in clock.seconds.items()},
+                "measurements": cell.measurements - before + pruned.extra_measurements, "finished_utc": _now()})
+    return row
+
+
+def run_grid(grid: Grid, log=print) -> list[dict]:
+    """Every row of `grid`, run or loaded from the row cache; returns them all."""
+    rows: list[dict] = []
+    for seed, model, data in grid.cells():
+        paths = {(m, b): row_path(m, model, data, b, seed) for b in grid.budgets for m in grid.methods}
+        done = {k: load_row(p) for k, p in paths.items()}
+        done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
+        if all(r is not None for r in done.values()):
+            rows.extend(done.values())
+            continue
+        weights = trained_weights(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, lr=TRAIN_LR)
+        cell = Cell.open(model, data, seed, weights, target=TARGET, workdir=ROOT / "work" / f"{model}-{data}-s{seed}",
+                         finetune_epochs=FINETUNE_EPOCHS)
+        base = baseline_ms(cell)
+        dense_accuracy = cell.accuracy(cell.dense)
+        for budget in grid.budgets:
+            for method in grid.methods:
+                row = done[(method, budget)]
+                if row is None:
+                    log(f"{method} on {model}/{data} seed {seed}, budget {budget:.0%} of {base:.4g} ms ...")
+                    row = run_row(cell, method, budget, base, dense_accuracy)
+                    atomic_write_text(paths[(method, budget)], json.dumps(row, indent=2) + "\n")
+                    log(_describe(row))
+                rows.append(row)
+    return rows
+
+
+def _describe(row: dict) -> str:
+    if "error" in row:
+        return f"  ERROR {row['error']}"
+    if row.get("latency_ms") is None:
+        return f"  no plan met the budget ({row['wall_s']:.0f} s)"
+    return (f"  {row['latency_ms']:.4g} ms (budget {row['budget_ms']:.4g}, {'met' if row['met'] else 'MISSED'}), "
+            f"accuracy {row['accuracy']:.2%}, {row['measurements']} measurements, {row['wall_s']:.0f} s")

@@ -1,0 +1,244 @@
+"""The methods compared, by name: a registry like timm's (name -> function).
+
+A method takes a cell and a measured latency budget (ms) and returns a `Pruned`: the network it
+delivers (fine-tuned by the harness unless the method's own job already did), the measured
+latency of its chosen plan, and its stage timings. The peers reach the budget by bisecting their
+own knob on measured latency (bisection.py); `compressor*` run the product's job, `compress()`,
+with its closed loop.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.peers import halp
+from bench.peers.bisection import SearchOutcome, bisect_measured
+from bench.peers.context import Cell, StageClock
+from bench.peers.torch_pruning_global import MAX_SPEEDUP, ProgressivePruning, widths
+from compressor.allocation import solve_allocation
+from compressor.channel_ranking import channel_scores
+from compressor.importance import ImportanceSettings, layer_importance
+from compressor.latency_profiling import TableRequest, build_latency_model, cache_dir, key_digest, load_table_file, \
+    save_table, table_key
+from compressor.latency_table import LatencyModel
+from compressor.pipeline import minimum_keep
+
+MIN_KEEP_RATIO = 0.1  # compress's default floor, given to every method that has a floor to set
+
+
+@dataclass
+class Pruned:
+    model: torch.nn.Module | None  # None: no plan met the budget
+    search_latency_ms: float | None  # the chosen plan's measured latency before fine-tuning
+    finetuned: bool = False  # the method's own job fine-tuned it (compressor); else the harness does
+    notes: list[str] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    extra_measurements: int = 0  # measurements made outside Cell.measure (compress's own job)
+
+
+Method = Callable[[Cell, float, StageClock], Pruned]
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    def add(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+    return add
+
+
+def _from_search(outcome: SearchOutcome, knob: str) -> Pruned:
+    probes = [{knob: round(p.knob, 6), "latency_ms": p.latency_ms} for p in outcome.probes]
+    if outcome.model is None:
+        return Pruned(None, None, notes=[f"no {knob} met the budget; the smallest measured "
+                                          f"{min(p.latency_ms for p in outcome.probes):.4g} ms"], probes=probes)
+    return Pruned(outcome.model, outcome.latency_ms, probes=probes)
+
+
+def _plan_key(keep: dict[str, int]) -> tuple:
+    return tuple(sorted(keep.items()))
+
+
+@register("uniform-l1")
+def uniform_l1(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """The same keep ratio in every group, L1-norm ranking; the ratio bisected on measured latency."""
+    with clock("ranking"):
+        scores = channel_scores(cell.dense, cell.groups, method="l1")
+
+    def build(ratio: float):
+        keep = {g.name: max(g.min_keep, 1, round(ratio * g.channels)) for g in cell.prunable}
+        return _plan_key(keep), lambda: cell.prune(keep, scores)
+
+    with clock("search"):
+        outcome = bisect_measured(build, 1.0 / 64, 1.0, budget_ms, cell.measure, label="uniform")
+    return _from_search(outcome, "keep_ratio")
+
+
+@register("torch-pruning-global")
+def torch_pruning_global(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """torch-pruning's global L1 magnitude pruner with its own MACs target, the target bisected."""
+    with clock("ranking"):  # one progressive run per cell, shared by its budgets
+        progressive = cell.memo.get("tp-progressive")
+        if progressive is None:
+            progressive = cell.memo["tp-progressive"] = ProgressivePruning(
+                cell.dense, cell.example_input, cell.data.num_classes, cell.macs_of)
+
+    def build(macs_fraction: float):
+        with clock("ranking"):
+            snapshot = progressive.at(1.0 / macs_fraction)
+        return widths(snapshot.model), lambda: snapshot.model
+
+    with clock("search"):
+        outcome = bisect_measured(build, 1.0 / MAX_SPEEDUP, 1.0, budget_ms, cell.measure, label="tp")
+    pruned = _from_search(outcome, "macs_fraction")
+    if pruned.model is not None:
+        pruned.model = copy.deepcopy(pruned.model)  # the snapshot is shared with the cell's other budget
+    return pruned
+
+
+@register("itpruner")
+def itpruner(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """ITPruner as published: nHSIC layer importance, SLSQP on ITPruner's linear objective under a
+    FLOPs (MACs) constraint, any channel count, L1 within layers; the FLOPs target bisected."""
+    with clock("importance"):
+        importance = cell.memo.get("nhsic")
+        if importance is None:
+            result = layer_importance(cell.dense, cell.groups, cell.data.calib_x,
+                                      settings=ImportanceSettings(method="nhsic"))
+            importance = cell.memo["nhsic"] = dict(result.scores)
+    with clock("ranking"):
+        scores = channel_scores(cell.dense, cell.groups, method="l1")
+    cm = cell.cost_model
+    floor = minimum_keep(cell.groups, MIN_KEEP_RATIO, 1)
+    base = cm.macs(cm.full_keep)
+    smallest = cm.macs(np.array(floor, dtype=float))
+
+    def build(macs_fraction: float):
+        with clock("solve"):
+            allocation = solve_allocation(
+                names=[g.name for g in cell.groups], channels=[g.channels for g in cell.groups],
+                importance=[importance.get(g.name, 1.0) for g in cell.groups],
+                prunable=[g.prunable for g in cell.groups], cost_fn=lambda k: cm.macs(k),
+                cost_grad=lambda k: cm.gradient(k, "macs"), budget=macs_fraction * base, alignment=1,
+                min_keep=floor, min_keep_ratio=MIN_KEEP_RATIO, utility="linear")
+        keep = {g.name: allocation.keep[g.name] for g in cell.prunable}
+        return _plan_key(keep), lambda: cell.prune(keep, scores)
+
+    with clock("search"):
+        outcome = bisect_measured(build, smallest / base, 1.0, budget_ms, cell.measure, label="itpruner")
+    return _from_search(outcome, "macs_fraction")
+
+
+def latency_table(cell: Cell, clock: StageClock) -> LatencyModel:
+    """The table `compress` would build for this cell (same request, same disk cache). Whichever
+    method needs it first in a cell builds it; every method that uses it is charged its builds in
+    `measurements` (table_builds), since each would need them on its own."""
+    table = cell.memo.get("latency-table")
+    if table is not None:
+        return table
+    with clock("latency_table"):
+        settings = dict(cell.profile.backend_options)
+        settings.update(cell.backend.session_settings())
+        request = TableRequest(target=cell.profile.name, precision=cell.profile.precision,
+                               batch_size=cell.profile.batch_size, input_shape=cell.data.input_shape,
+                               backend_settings=settings, grid=cell.grid, variants=18, warmup=cell.profile.warmup,
+                               runs=100, iterations=cell.profile.iterations, seed=cell.seed)
+        path = cache_dir() / f"{key_digest(table_key(cell.dense, cell.backend, request))}.json"
+        if path.exists():
+            table = load_table_file(path)
+        else:
+            floor = minimum_keep(cell.groups, MIN_KEEP_RATIO, cell.grid)
+            table, _ = build_latency_model(cell.dense, cell.example_input, cell.groups, cell.cost_model,
+                                           cell.backend, request, cell.workdir / "latency-variants", min_keep=floor)
+            save_table(table, path)
+    cell.memo["latency-table"] = table
+    return table
+
+
+@register("halp-knapsack")
+def halp_knapsack(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """HALP: BN Taylor importance, top-k prefixes, progressive latency knapsack on the latency table;
+    the knapsack's latency target bisected on measured latency like every other peer's knob."""
+    table = latency_table(cell, clock)
+    with clock("ranking"):
+        scores = halp.bn_taylor_scores(cell.dense, cell.groups, cell.data.calib_x, cell.data.calib_y)
+    floor = minimum_keep(cell.groups, MIN_KEEP_RATIO, cell.grid)
+    grids = cell.grid.per_group(cell.groups)
+    candidates = [grid.widths(g.channels, low) for g, grid, low in zip(cell.groups, grids, floor)]
+    full_ms = table.predict(cell.cost_model.full_keep)
+    low_ms = table.predict(np.array(floor, dtype=float))
+
+    def build(target_ms: float):
+        with clock("solve"):
+            keep = halp.halp_plan(table, cell.groups, scores, candidates, target_ms)
+        keep = {g.name: keep[g.name] for g in cell.prunable}
+        return _plan_key(keep), lambda: cell.prune(keep, scores)
+
+    with clock("search"):
+        outcome = bisect_measured(build, low_ms, full_ms, budget_ms, cell.measure, label="halp")
+    pruned = _from_search(outcome, "table_target_ms")
+    pruned.extra_measurements = table_builds(table)
+    return pruned
+
+
+def table_builds(table: LatencyModel) -> int:
+    return int(table.provenance.get("variants", 0))
+
+
+def _compress_job(cell: Cell, budget_ms: float, clock: StageClock, *, importance: str, name: str) -> Pruned:
+    """Run the product's job as a user would (`compress()`, default settings but the importance),
+    with the bench's fine-tune epochs; its own closed loop meets the budget."""
+    from compressor.api import compress, load_pruned_model
+
+    out = cell.workdir / f"{name}-{budget_ms:.6f}ms"
+    started = time.perf_counter()
+    report = compress(model=cell.model_name, data=cell.data_name, target=cell.profile.name, latency_ms=budget_ms,
+                      weights=str(cell.weights), finetune_epochs=cell.finetune_epochs, seed=cell.seed,
+                      importance=importance, out=str(out), force=True)
+    wall = time.perf_counter() - started
+    timings = dict(report["timings_s"])
+    timings.pop("total", None)
+    for stage, seconds in timings.items():
+        clock.seconds[stage] = clock.seconds.get(stage, 0.0) + float(seconds)
+    clock.seconds["other"] = clock.seconds.get("other", 0.0) + max(0.0, wall - sum(timings.values()))
+    loop = [e for e in report["loop"] if e.get("iteration") != "final"]
+    measured = sum(1 for e in loop if e.get("measured_latency_ms") is not None)
+    table_info = report.get("latency_model") or {}
+    # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
+    extra = 2 + measured + int(table_info.get("provenance", {}).get("variants", 0))
+    probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
+               "latency_ms": e.get("measured_latency_ms")} for e in loop]
+    if report["artifacts"].get("plan") is None:
+        return Pruned(None, None, notes=report.get("notes", []), probes=probes, extra_measurements=extra)
+    model = load_pruned_model(Path(out) / report["artifacts"]["plan"]).eval()
+    chosen = [e["measured_latency_ms"] for e in loop if e.get("measured_latency_ms") is not None]
+    search_ms = max((m for m in chosen if m <= budget_ms), default=None)
+    return Pruned(model, search_ms, finetuned=True, notes=report.get("notes", []), probes=probes,
+                  extra_measurements=extra)
+
+
+@register("compressor")
+def compressor_default(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """This project's default: nHSIC allocation on the measured latency table, Shapley ranking."""
+    return _compress_job(cell, budget_ms, clock, importance="nhsic", name="compressor")
+
+
+@register("compressor-concentration")
+def compressor_concentration(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+    """Information concentration (rank + entropy) allocation with Shapley ranking."""
+    return _compress_job(cell, budget_ms, clock, importance="concentration", name="compressor-concentration")
+
+
+def check_methods(names: list[str]) -> None:
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+
+
+__all__ = ["METHODS", "Method", "Pruned", "check_methods"]

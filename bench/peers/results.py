@@ -1,0 +1,215 @@
+"""The peer benchmark's outputs: summary.json (the contract other tools read), README.md, Pareto PNGs.
+
+summary.json holds one row per (method, model, data, budget), aggregated over seeds:
+    {"rows": [{"method", "model", "data", "target", "budget_ms", "latency_ms", "accuracy_mean",
+               "accuracy_std", "seeds", "flops", "params", "wall_s", ...}], ...}
+`latency_ms`, `flops`, `params` and `wall_s` are means over the seeds; extra keys (the budget as a
+fraction, whether every seed met it, measurements, stage times, per-seed accuracies) follow.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from bench.common import machine
+from deploy.atomic_io import atomic_write_text
+
+ORDER = ("compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global", "halp-knapsack", "itpruner")
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Seeds folded into mean +- std per (method, model, data, budget)."""
+    buckets: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        buckets[(r["method"], r["model"], r["data"], r["target"], r["budget_fraction"])].append(r)
+    out = []
+    for (method, model, data, target, fraction), group in buckets.items():
+        ok = [r for r in group if "error" not in r and r.get("latency_ms") is not None]
+        acc = [r["accuracy"] for r in ok]
+        stages: dict[str, list[float]] = defaultdict(list)
+        for r in group:
+            for k, v in (r.get("stage_s") or {}).items():
+                stages[k].append(v)
+        out.append({
+            "method": method, "model": model, "data": data, "target": target,
+            "budget_ms": _mean([r["budget_ms"] for r in group]),
+            "latency_ms": _mean([r["latency_ms"] for r in ok]),
+            "accuracy_mean": _mean(acc), "accuracy_std": _std(acc),
+            "seeds": sorted(r["seed"] for r in ok),
+            "flops": _mean([r["flops"] for r in ok]), "params": _mean([r["params"] for r in ok]),
+            "wall_s": _mean([r["wall_s"] for r in group]),
+            "budget_fraction": fraction, "baseline_ms": group[0]["baseline_ms"],
+            "dense_accuracy_mean": _mean([r["dense_accuracy"] for r in group]),
+            "latency_std": _std([r["latency_ms"] for r in ok]),
+            "met_all": bool(ok) and len(ok) == len(group) and all(r["met"] for r in ok),
+            "met_seeds": sum(1 for r in ok if r["met"]),
+            "measurements": _mean([r["measurements"] for r in group if "measurements" in r]),
+            "stage_s": {k: round(statistics.fmean(v), 2) for k, v in stages.items()},
+            "accuracy_per_seed": {str(r["seed"]): r["accuracy"] for r in ok},
+            "failures": [{"seed": r["seed"], "why": r.get("error") or "; ".join(r.get("notes") or [])}
+                         for r in group if r not in ok],
+        })
+    rank = {m: i for i, m in enumerate(ORDER)}
+    out.sort(key=lambda s: (s["model"], s["data"], s["budget_fraction"], rank.get(s["method"], 99)))
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def table_markdown(summary: list[dict], model: str, data: str) -> list[str]:
+    rows = [s for s in summary if s["model"] == model and s["data"] == data]
+    if not rows:
+        return []
+    dense = statistics.fmean([s["dense_accuracy_mean"] for s in rows])
+    lines = [f"### {model} on {data}", "",
+             f"Dense: {rows[0]['baseline_ms']:.4g} ms, accuracy {100 * dense:.2f}%.", "",
+             "| budget | method | latency ms | met | accuracy % (mean ± std) | MMACs | params K | measurements | wall s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for fraction in sorted({s["budget_fraction"] for s in rows}):
+        group = [s for s in rows if s["budget_fraction"] == fraction]
+        best = max((s["accuracy_mean"] for s in group if s["accuracy_mean"] is not None and s["met_all"]), default=None)
+        for s in group:
+            acc = "—" if s["accuracy_mean"] is None else f"{_pct(s['accuracy_mean'])} ± {_pct(s['accuracy_std'])}"
+            if best is not None and s["accuracy_mean"] == best:
+                acc = f"**{acc}**"
+            n = len(s["seeds"])
+            met = f"{s['met_seeds']}/{n + len(s['failures'])}"
+            lat = "—" if s["latency_ms"] is None else f"{s['latency_ms']:.4g}"
+            macs = "—" if s["flops"] is None else f"{s['flops'] / 1e6:.3g}"
+            params = "—" if s["params"] is None else f"{s['params'] / 1e3:.4g}"
+            meas = "—" if s["measurements"] is None else f"{s['measurements']:.0f}"
+            lines.append(f"| {fraction:.0%} ({s['budget_ms']:.4g} ms) | {s['method']} | {lat} | {met} | {acc} | "
+                         f"{macs} | {params} | {meas} | {s['wall_s']:.0f} |")
+    return lines + [""]
+
+
+def headline_markdown(summary: list[dict]) -> list[str]:
+    """One line per setting, one column per method: accuracy (mean over seeds) at the budget, with
+    a dagger where some seed's final latency missed the budget. The README's headline table."""
+    methods = [m for m in ORDER if any(s["method"] == m for s in summary)]
+    by_setting: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for s in summary:
+        by_setting[(s["model"], s["data"], s["budget_fraction"])][s["method"]] = s
+    lines = ["| model | data | budget | " + " | ".join(methods) + " |", "|---|---|---|" + "---:|" * len(methods)]
+    for (model, data, fraction), row in sorted(by_setting.items()):
+        eligible = [s["accuracy_mean"] for s in row.values() if s["met_all"] and s["accuracy_mean"] is not None]
+        best = max(eligible, default=None)
+        cells = []
+        for m in methods:
+            s = row.get(m)
+            if s is None or s["accuracy_mean"] is None:
+                cells.append("—")
+                continue
+            text = f"{100 * s['accuracy_mean']:.1f}" + ("" if s["met_all"] else " †")
+            cells.append(f"**{text}**" if s["met_all"] and s["accuracy_mean"] == best else text)
+        budget = next(iter(row.values()))["budget_ms"]
+        lines.append(f"| {model} | {data} | {fraction:.0%} ({budget:.3g} ms) | " + " | ".join(cells) + " |")
+    return lines + ["", "Accuracy %, mean over seeds; **bold**: best among methods that met the budget on every "
+                        "seed; †: some seed's final latency missed the budget.", ""]
+
+
+def wins_markdown(summary: list[dict]) -> list[str]:
+    """Per method: settings won (best accuracy among methods meeting the budget on every seed),
+    settings where it met the budget, and its mean accuracy gap to each setting's best."""
+    settings = defaultdict(list)
+    for s in summary:
+        settings[(s["model"], s["data"], s["budget_fraction"])].append(s)
+    tally = {m: {"won": 0, "met": 0, "gaps": []} for m in ORDER if any(s["method"] == m for s in summary)}
+    for group in settings.values():
+        eligible = [s for s in group if s["met_all"] and s["accuracy_mean"] is not None]
+        best = max((s["accuracy_mean"] for s in eligible), default=None)
+        for s in group:
+            t = tally.setdefault(s["method"], {"won": 0, "met": 0, "gaps": []})
+            if s in eligible:
+                t["met"] += 1
+                t["gaps"].append(best - s["accuracy_mean"])
+                t["won"] += int(s["accuracy_mean"] == best)
+    lines = ["## Wins and losses", "", f"{len(settings)} settings (model x data x budget).", "",
+             "| method | best accuracy (settings) | met the budget on every seed (settings) | mean gap to the best, points |",
+             "|---|---:|---:|---:|"]
+    for m, t in tally.items():
+        gap = f"{100 * statistics.fmean(t['gaps']):.2f}" if t["gaps"] else "—"
+        lines.append(f"| {m} | {t['won']} | {t['met']} | {gap} |")
+    return lines + [""]
+
+
+def plot_pareto(summary: list[dict], model: str, data: str, path: Path) -> bool:
+    """Accuracy against measured latency, one marker per method and budget, budgets as dashed lines."""
+    rows = [s for s in summary if s["model"] == model and s["data"] == data and s["latency_ms"] is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    markers = dict(zip(ORDER, "o*sDv^"))
+    for method in ORDER:
+        mine = sorted((s for s in rows if s["method"] == method), key=lambda s: s["latency_ms"])
+        if not mine:
+            continue
+        ax.errorbar([s["latency_ms"] for s in mine], [100 * s["accuracy_mean"] for s in mine],
+                    xerr=[s["latency_std"] or 0 for s in mine], yerr=[100 * (s["accuracy_std"] or 0) for s in mine],
+                    marker=markers.get(method, "o"), markersize=9 if method.startswith("compressor") else 6,
+                    capsize=3, linestyle="-", linewidth=0.8, label=method)
+    for budget in sorted({s["budget_ms"] for s in rows}):
+        ax.axvline(budget, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("measured latency, ms (cpu target, ONNX Runtime, 1 thread)")
+    ax.set_ylabel("validation accuracy, %")
+    ax.set_title(f"{model} on {data}: accuracy at the measured latency budgets")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expected_rows: int,
+                  command: str, recipe: dict) -> list[dict]:
+    summary = summarise(rows)
+    pairs = sorted({(s["model"], s["data"]) for s in summary})
+    payload = {"rows": summary, "generated_utc": rows[-1]["finished_utc"] if rows else None, "machine": machine(),
+               "command": command, "grid": grid_description, "recipe": recipe,
+               "complete": len(rows) == expected_rows, "row_runs": len(rows), "expected_row_runs": expected_rows,
+               "commits": sorted({r["commit"] for r in rows})}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
+    plots = [(m, d) for m, d in pairs if plot_pareto(summary, m, d, out / f"pareto-{m}-{d}.png")]
+    lines = [f"# Peer benchmark: accuracy at a measured latency budget ({'complete' if payload['complete'] else 'PARTIAL'})",
+             "", f"Reproduce: `{command}`. Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
+             f"ONNX Runtime {payload['machine']['onnxruntime']}, torch {payload['machine']['torch']}.",
+             f"Rows run: {len(rows)} of {expected_rows} (method x model x data x budget x seed). Commits: "
+             f"{', '.join(payload['commits'])}.", "",
+             "Every method starts from the same trained network, meets the same budget measured on the `cpu` target "
+             "(ONNX Runtime, 1 thread, 50 warm-up + 300 timed runs, median), and gets the same fine-tune "
+             f"({recipe['finetune_epochs']} epochs of distillation from the dense network after BatchNorm "
+             "re-estimation). Latency is measured again after fine-tuning, side by side in one run; `met` counts "
+             "the seeds whose final latency is within the budget. Accuracy: validation split, mean ± std over "
+             "seeds; **bold** is the best among methods that met the budget on every seed.", ""]
+    lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary)
+    findings = Path(__file__).with_name("findings.md")
+    if findings.exists():  # the written reading of these numbers, kept next to the code that made them
+        lines += [findings.read_text().strip(), ""]
+    for m, d in pairs:
+        lines += table_markdown(summary, m, d)
+        if (m, d) in plots:
+            lines += [f"![{m} on {d}](pareto-{m}-{d}.png)", ""]
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    return summary

@@ -1,0 +1,176 @@
+"""The peer benchmark's parts (bench/peers): HALP's knapsack and plan, the measured bisection, the
+BN Taylor scores, torch-pruning's progressive run, and summary.json's contract."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.peers.bisection import STOP_LOW, bisect_measured
+from bench.peers.halp import bn_taylor_scores, halp_plan, knapsack
+from bench.peers.methods import METHODS
+from bench.peers.results import summarise, write_outputs
+from bench.peers.torch_pruning_global import ProgressivePruning, widths
+from compressor.closed_loop import ACCEPT_HIGH
+from compressor.groups import discover_groups
+from compressor.models import create_model
+
+CONTRACT = {"method", "model", "data", "target", "budget_ms", "latency_ms", "accuracy_mean", "accuracy_std", "seeds",
+            "flops", "params", "wall_s"}
+
+
+def test_registry_has_the_six_methods():
+    assert set(METHODS) == {"compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global",
+                            "halp-knapsack", "itpruner"}
+
+
+def test_knapsack_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        values = [np.sort(rng.uniform(0, 10, size=4)) for _ in range(3)]
+        costs = [np.sort(rng.uniform(0, 5, size=4)) for _ in range(3)]
+        capacity = float(rng.uniform(2, 12))
+        best, best_value = None, -np.inf
+        for choice in itertools.product(range(4), repeat=3):
+            cost = sum(c[i] for c, i in zip(costs, choice))
+            value = sum(v[i] for v, i in zip(values, choice))
+            if cost <= capacity and value > best_value:
+                best, best_value = choice, value
+        chosen = knapsack(values, costs, capacity)
+        if best is None:
+            assert chosen is None
+        else:
+            assert sum(v[i] for v, i in zip(values, chosen)) == pytest.approx(best_value)
+            assert sum(c[i] for c, i in zip(costs, chosen)) <= capacity + 1e-9
+
+
+def test_knapsack_reports_infeasible():
+    assert knapsack([np.array([1.0, 2.0])], [np.array([3.0, 4.0])], 1.0) is None
+
+
+class _Group:
+    def __init__(self, name, channels):
+        self.name, self.channels, self.prunable = name, channels, True
+
+
+class _AdditiveTable:
+    """Latency = sum of per-group costs, group b three times as expensive per channel as group a."""
+
+    def predict(self, keep):
+        keep = np.asarray(keep, dtype=float)
+        return float(0.01 * keep[0] + 0.03 * keep[1])
+
+
+def test_halp_plan_meets_the_target_and_cuts_the_costly_unimportant_group():
+    groups = [_Group("a", 32), _Group("b", 32)]
+    scores = {"a": torch.ones(32), "b": torch.ones(32)}  # equal importance: latency decides
+    candidates = [np.arange(4, 33), np.arange(4, 33)]
+    table = _AdditiveTable()
+    full = table.predict([32, 32])
+    plan = halp_plan(table, groups, scores, candidates, 0.6 * full)
+    assert table.predict([plan["a"], plan["b"]]) <= 0.6 * full + 1e-9
+    assert plan["b"] < plan["a"]  # the expensive group gives up more channels
+    tighter = halp_plan(table, groups, scores, candidates, 0.4 * full)
+    assert tighter["a"] <= plan["a"] and tighter["b"] <= plan["b"]
+
+
+class _Sized(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+
+def _search(latency_of, budget, low=0.0, high=1.0):
+    def build(knob):
+        size = round(knob, 3)
+        return size, lambda: _Sized(size)
+
+    return bisect_measured(build, low, high, budget, lambda net, label: latency_of(net.size), label="t")
+
+
+def test_bisection_lands_in_the_band_below_the_budget():
+    outcome = _search(lambda s: 0.2 + 2.0 * s, budget=1.0)
+    assert STOP_LOW <= outcome.latency_ms <= ACCEPT_HIGH
+    assert len(outcome.probes) <= 8
+
+
+def test_bisection_keeps_the_widest_fitting_plan_when_the_band_is_not_reached():
+    # A staircase: no plan lands in [0.95, 0.98]; the best fitting one is 0.9.
+    outcome = _search(lambda s: 0.9 if s < 0.5 else 1.2, budget=1.0)
+    assert outcome.latency_ms == pytest.approx(0.9)
+
+
+def test_bisection_reports_an_infeasible_budget():
+    outcome = _search(lambda s: 2.0 + s, budget=1.0)
+    assert outcome.model is None
+    assert min(p.knob for p in outcome.probes) == 0.0  # the smallest plan was measured too
+
+
+def test_bn_taylor_scores_cover_every_prunable_group():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=3).eval()
+    groups = discover_groups(model, torch.zeros(1, 3, 32, 32))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    scores = bn_taylor_scores(model, groups, x, y)
+    for g in groups:
+        if g.prunable:
+            assert scores[g.name].shape == (g.channels,)
+            assert torch.all(scores[g.name] >= 0) and scores[g.name].sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # left clean
+
+
+def _small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_progressive_pruning_reaches_targets_and_shares_one_run():
+    import torch_pruning as tp
+
+    x = torch.zeros(1, 3, 16, 16)
+
+    def macs_of(net):
+        return float(tp.utils.count_ops_and_params(net, x)[0])
+
+    run = ProgressivePruning(_small_cnn(), x, 10, macs_of)
+    first = run.at(1.5)
+    assert first.speedup >= 1.5
+    assert macs_of(first.model) == pytest.approx(run.base / first.speedup)
+    steps = run.steps
+    again = run.at(1.2)  # an easier target: no new steps, an earlier copy
+    assert run.steps == steps and again.speedup < first.speedup
+    assert widths(again.model) != widths(first.model)
+    assert widths(again.model)[-1] == 10  # the classifier is never pruned
+
+
+def _row(seed, accuracy, met=True):
+    return {"method": "uniform-l1", "model": "resnet20", "data": "digits", "target": "cpu", "seed": seed,
+            "budget_fraction": 0.5, "budget_ms": 0.35, "baseline_ms": 0.7, "dense_accuracy": 0.99,
+            "latency_ms": 0.33 if met else 0.36, "met": met, "accuracy": accuracy, "flops": 1e7, "params": 1e5,
+            "wall_s": 30.0, "measurements": 6, "stage_s": {"search": 10.0}, "commit": "abc",
+            "finished_utc": "2026-11-21T00:00:00Z"}
+
+
+def test_summary_folds_seeds_and_keeps_the_contract(tmp_path):
+    rows = [_row(0, 0.90), _row(1, 0.94), _row(2, 0.92, met=False)]
+    (s,) = summarise(rows)
+    assert CONTRACT <= set(s)
+    assert s["accuracy_mean"] == pytest.approx(0.92) and s["accuracy_std"] == pytest.approx(0.02)
+    assert s["seeds"] == [0, 1, 2] and s["met_seeds"] == 2 and not s["met_all"]
+    write_outputs(rows, tmp_path, grid_description={}, expected_rows=4, command="make bench",
+                  recipe={"finetune_epochs": 3})
+    payload = json.loads((tmp_path / "summary.json").read_text())
+    assert payload["complete"] is False and payload["rows"][0]["method"] == "uniform-l1"
+    text = (tmp_path / "README.md").read_text()
+    assert "PARTIAL" in text and "| uniform-l1 |" in text
+    assert (tmp_path / "pareto-resnet20-digits.png").stat().st_size > 1000
+
+
+def test_a_failed_seed_is_listed_not_averaged():
+    rows = [_row(0, 0.90), {**_row(1, None), "latency_ms": None, "accuracy": None, "notes": ["no plan met it"]}]
+    (s,) = summarise(rows)
+    assert s["seeds"] == [0] and s["accuracy_mean"] == pytest.approx(0.90)
+    assert s["failures"] == [{"seed": 1, "why": "no plan met it"}] and not s["met_all"]
