@@ -48,7 +48,7 @@ class Grid:
 
 ALL_METHODS = ("compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global", "halp-knapsack",
                "itpruner")
-FULL = Grid(models=("resnet20", "resnet56", "mobilenetv2"), data=("shapes", "digits"), budgets=(0.5, 0.7),
+FULL = Grid(models=("resnet20", "mobilenetv2", "resnet56"), data=("shapes", "digits"), budgets=(0.5, 0.7),
             seeds=(0, 1, 2), methods=ALL_METHODS)
 QUICK = Grid(models=("resnet20",), data=("digits",), budgets=(0.5, 0.7), seeds=(0,), methods=ALL_METHODS)
 
