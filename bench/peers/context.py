@@ -10,6 +10,7 @@ on every method's result.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -104,6 +105,17 @@ class Cell:
                                       max_cv=self.profile.max_cv)
         self.measurements += 1
         return float(result.latency.median_ms)
+
+    def measure_against_dense(self, net: torch.nn.Module, label: str, rounds: int = 2) -> tuple[float, float]:
+        """(ratio, pruned median ms): `net`'s latency as a ratio to the dense network's, the two measured
+        alternately `rounds` times. This VM's speed drifts by 10-20% over minutes (shared host); a
+        ratio taken side by side cancels that, so rows measured an hour apart stay comparable."""
+        pruned, dense = [], []
+        for i in range(rounds):
+            dense.append(self.measure(self.dense, "dense-reference"))
+            pruned.append(self.measure(net, f"{label}{i}"))
+        pruned_ms, dense_ms = statistics.median(pruned), statistics.median(dense)
+        return pruned_ms / dense_ms, pruned_ms
 
     def prune(self, keep: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A pruned copy of the dense network keeping, per group, the top-`keep` channels by `scores`."""
