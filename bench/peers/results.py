@@ -213,5 +213,8 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
         lines += table_markdown(summary, m, d)
         if (m, d) in plots:
             lines += [f"![{m} on {d}](pareto-{m}-{d}.png)", ""]
+    others = sorted(p.name for p in out.glob("*.md") if p.name != "README.md")
+    if others:  # the folder's other benches, so this page is its index too
+        lines += ["## Other benches in this folder", ""] + [f"- [{name}]({name})" for name in others] + [""]
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
     return summary
