@@ -13,6 +13,8 @@ one run. Layout:
   ``torch_pruning_global.py``.
 - ``grid.py``: which rows a run covers (``--quick`` or the full grid) and the resumable row cache.
 - ``results.py``: ``bench/results/summary.json`` (the contract), README.md tables, Pareto plots.
+- ``findings.md``: the written reading of the committed rows, embedded in bench/results/README.md;
+  rewrite it when the rows change.
 
 Run from the repository root: ``python -m bench.peers [--quick]`` (``make bench`` / ``make bench-quick``).
 """
