@@ -457,7 +457,8 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
 SIDECAR = "model.sidecar.json"
 
 
-def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path) -> tuple[str | None, Measurement | None]:
+def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path,
+                                  budget_ms: float | None = None) -> tuple[str | None, Measurement | None]:
     """Build the engine where the backend builds one, and measure what will be deployed.
 
     Returns (engine file name relative to the run folder or None, measurement or None when
@@ -471,6 +472,13 @@ def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path) -> tuple[str
                                              (ctx.batch_size, *ctx.input_shape))
     with ctx.console.stage("measuring the compressed model on the target"):
         measured = measure_onnx(ctx, built or onnx_path, "compressed")
+        if budget_ms is not None and measured.latency.median_ms > budget_ms:
+            # The loop measured this plan within budget minutes ago; on a shared host a reading 10-20% off
+            # happens. Re-take once, and the re-take stands whichever way it goes (no picking the lower).
+            first = measured.latency.median_ms
+            measured = measure_onnx(ctx, built or onnx_path, "compressed (re-taken)")
+            ctx.console.warn(f"the compressed model read {first:.4g} ms, over the {budget_ms:.4g} ms budget its plan "
+                             f"was measured within; re-taken once: {measured.latency.median_ms:.4g} ms")
     return (built.name if built else None), measured
 
 
@@ -654,7 +662,8 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     if not parity.passed:
         raise RuntimeError(f"ONNX parity check failed: max abs diff {parity.max_abs_diff:.3g} "
                            f"(atol {PARITY_ATOL}, rtol {PARITY_RTOL})")
-    engine, final_measurement = build_and_measure_deliverable(ctx, onnx_path)
+    engine, final_measurement = build_and_measure_deliverable(
+        ctx, onnx_path, budget_value if budget_kind == "latency_ms" and search.loop else None)
     accuracy = onnx_accuracy(ctx, onnx_path)
     weights = save_pruned(pruned, plan, out, model_spec=config.model, num_classes=data.num_classes,
                           in_channels=data.in_channels, input_shape=list(ctx.input_shape))
