@@ -56,6 +56,19 @@ class TableRequest:
     iterations: int = 100  # end-to-end timed runs per variant
     seed: int = 0
 
+    @classmethod
+    def for_target(cls, profile: Any, backend: Backend | None, grid: ChannelGrid, *, batch_size: int,
+                   input_shape: tuple[int, int, int], variants: int, warmup: int, iterations: int,
+                   seed: int) -> "TableRequest":
+        """The request `compress` makes on a target profile: its precision, its backend options plus the
+        backend's own session settings (part of the cache key: another thread count is another table)."""
+        settings = dict(profile.backend_options)
+        if backend is not None and hasattr(backend, "session_settings"):
+            settings.update(backend.session_settings())
+        return cls(target=profile.name, precision=profile.precision, batch_size=batch_size, input_shape=input_shape,
+                   backend_settings=settings, grid=grid, variants=variants, warmup=warmup, runs=100,
+                   iterations=iterations, seed=seed)
+
 
 def architecture_hash(model: torch.nn.Module) -> str:
     """The network's structure and tensor shapes, not its weights: retraining keeps the table valid."""
@@ -86,6 +99,27 @@ def cache_root() -> Path:
 def cache_dir() -> Path:
     """$COMPRESS_CACHE_DIR/latency-tables, else ~/.cache/edge-compressor/latency-tables."""
     return cache_root() / "latency-tables"
+
+
+def cached_table(key: dict[str, Any], build: Callable[[], LatencyModel], *,
+                 warn: Callable[[str], None]) -> tuple[LatencyModel, dict[str, str]]:
+    """The table for `key` from the disk cache, else `build()` saved there. Returns (table, info) with
+    info["source"] and, once saved, info["cached_as"]. A damaged entry is rebuilt, never trusted; a cache
+    folder that cannot be written only warns."""
+    path = cache_dir() / f"{key_digest(key)}.json"
+    if path.exists():
+        try:
+            return load_table_file(path), {"source": f"cache: {path}"}
+        except BadInput as exc:
+            warn(f"ignoring the cached latency table {path}: {exc}")
+    table = build()
+    info = {"source": "built on the target in this run"}
+    try:
+        save_table(table, path)
+        info["cached_as"] = str(path)
+    except OSError as exc:
+        warn(f"could not cache the latency table in {path.parent}: {exc}")
+    return table, info
 
 
 def load_table_file(path: str | os.PathLike) -> LatencyModel:

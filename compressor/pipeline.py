@@ -32,8 +32,8 @@ from compressor.groups import PrunableGroup, discover_groups
 from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
 from compressor.errors import BadInput
-from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cache_dir,
-                                          check_table_matches, key_digest, load_table_file, save_table, table_key)
+from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cached_table,
+                                          check_table_matches, load_table_file, save_table, table_key)
 from compressor.latency_table import LatencyModel
 from compressor.target_export import export_for_target
 from compressor.model_loading import build_model, check_input_shape, load_weights
@@ -318,23 +318,15 @@ def _solve(ctx: JobContext, groups, importance, cost_fn, budget, min_keep, cost_
     return allocation
 
 
-def table_request(ctx: JobContext) -> TableRequest:
-    backend_settings = dict(ctx.profile.backend_options)
-    if ctx.backend is not None and hasattr(ctx.backend, "session_settings"):
-        backend_settings.update(ctx.backend.session_settings())
-    return TableRequest(target=ctx.profile.name, precision=ctx.profile.precision, batch_size=ctx.batch_size,
-                        input_shape=ctx.input_shape, backend_settings=backend_settings, grid=ctx.grid,
-                        variants=ctx.config.latency_variants, warmup=ctx.warmup, runs=100,
-                        iterations=ctx.iterations, seed=ctx.config.seed)
-
-
 def obtain_latency_model(ctx: JobContext, groups: list[PrunableGroup], cost_model: CostModel,
                          workdir: Path) -> tuple[LatencyModel, dict]:
     """The latency model for this job: --latency-table, this run's own (on resume), the disk cache,
     or a fresh build on the target. Saved as latency_table.json in the run folder either way."""
     started = time.perf_counter()
     out = ctx.run.path / "latency_table.json"
-    request = table_request(ctx)
+    request = TableRequest.for_target(ctx.profile, ctx.backend, ctx.grid, batch_size=ctx.batch_size,
+                                      input_shape=ctx.input_shape, variants=ctx.config.latency_variants,
+                                      warmup=ctx.warmup, iterations=ctx.iterations, seed=ctx.config.seed)
     partial_key = {"model": architecture_hash(ctx.model), "precision": ctx.profile.precision,
                    "batch_size": ctx.batch_size, "input_shape": list(ctx.input_shape)}
     info: dict = {"file": out.name}
@@ -344,29 +336,16 @@ def obtain_latency_model(ctx: JobContext, groups: list[PrunableGroup], cost_mode
     elif ctx.run.resumed and out.exists():
         model, info["source"] = load_table_file(out), "this run (resumed)"
     else:
-        key = table_key(ctx.model, ctx.backend, request)
-        cached_path = cache_dir() / f"{key_digest(key)}.json"
-        model = None
-        if cached_path.exists():
-            try:
-                model = load_table_file(cached_path)
-                info["source"] = f"cache: {cached_path}"
-            except BadInput as exc:  # a damaged cache entry is rebuilt, never trusted
-                ctx.console.warn(f"ignoring the cached latency table {cached_path}: {exc}")
-                model = None
-        if model is None:
+        def build() -> LatencyModel:
             min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, ctx.grid)
             n = request.variants + 2
             with ctx.console.stage(f"latency table on the target ({n} width variants)", total=n) as advance:
-                model, _ = build_latency_model(ctx.model, ctx.example_input, groups, cost_model, ctx.backend, request,
-                                               workdir / "latency-variants", min_keep=min_keep,
-                                               progress=lambda what: advance(1, what))
-            info["source"] = "built on the target in this run"
-            try:
-                save_table(model, cached_path)
-                info["cached_as"] = str(cached_path)
-            except OSError as exc:
-                ctx.console.warn(f"could not cache the latency table in {cached_path.parent}: {exc}")
+                return build_latency_model(ctx.model, ctx.example_input, groups, cost_model, ctx.backend, request,
+                                           workdir / "latency-variants", min_keep=min_keep,
+                                           progress=lambda what: advance(1, what))[0]
+
+        model, found = cached_table(table_key(ctx.model, ctx.backend, request), build, warn=ctx.console.warn)
+        info.update(found)
     save_table(model, out)
     ctx.timings["latency_table"] += time.perf_counter() - started
     info.update({"kind": model.kind, "provenance": model.provenance, "fit": {k: v for k, v in model.fit.items()

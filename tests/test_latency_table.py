@@ -164,3 +164,26 @@ def test_weight_traffic_term_is_adopted_only_where_the_variants_show_one():
     # The term survives the round trip through latency_table.json.
     again = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
     assert again.predict(unseen[3].keep) == pytest.approx(table.predict(unseen[3].keep))
+
+
+def test_cached_table_builds_once_then_loads_and_rebuilds_a_damaged_entry(small_table):
+    from compressor.latency_profiling import cached_table
+
+    table = small_table[6]
+    key = {"test": "cached_table"}
+    builds, warnings = [], []
+
+    def build():
+        builds.append(1)
+        return table
+
+    first, info = cached_table(key, build, warn=warnings.append)
+    assert builds == [1] and info["source"] == "built on the target in this run" and "cached_as" in info
+    again, info = cached_table(key, build, warn=warnings.append)
+    assert builds == [1] and info["source"].startswith("cache: ")
+    full = small_table[3].full_keep
+    assert again.predict(full) == pytest.approx(table.predict(full))
+    (cache_dir() / f"{key_digest(key)}.json").write_text("{not json")
+    _, info = cached_table(key, build, warn=warnings.append)
+    assert builds == [1, 1] and info["source"] == "built on the target in this run"
+    assert len(warnings) == 1 and "ignoring the cached latency table" in warnings[0]

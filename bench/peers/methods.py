@@ -24,8 +24,7 @@ from bench.peers.torch_pruning_global import MAX_SPEEDUP, ProgressivePruning, wi
 from compressor.allocation import solve_allocation
 from compressor.channel_ranking import channel_scores
 from compressor.importance import ImportanceSettings, layer_importance
-from compressor.latency_profiling import TableRequest, build_latency_model, cache_dir, key_digest, load_table_file, \
-    save_table, table_key
+from compressor.latency_profiling import DEFAULT_VARIANTS, TableRequest, build_latency_model, cached_table, table_key
 from compressor.latency_table import LatencyModel
 from compressor.pipeline import minimum_keep
 
@@ -143,20 +142,17 @@ def latency_table(cell: Cell, clock: StageClock) -> LatencyModel:
     if table is not None:
         return table
     with clock("latency_table"):
-        settings = dict(cell.profile.backend_options)
-        settings.update(cell.backend.session_settings())
-        request = TableRequest(target=cell.profile.name, precision=cell.profile.precision,
-                               batch_size=cell.profile.batch_size, input_shape=cell.data.input_shape,
-                               backend_settings=settings, grid=cell.grid, variants=18, warmup=cell.profile.warmup,
-                               runs=100, iterations=cell.profile.iterations, seed=cell.seed)
-        path = cache_dir() / f"{key_digest(table_key(cell.dense, cell.backend, request))}.json"
-        if path.exists():
-            table = load_table_file(path)
-        else:
+        request = TableRequest.for_target(cell.profile, cell.backend, cell.grid, batch_size=cell.profile.batch_size,
+                                          input_shape=cell.data.input_shape, variants=DEFAULT_VARIANTS,
+                                          warmup=cell.profile.warmup, iterations=cell.profile.iterations,
+                                          seed=cell.seed)
+
+        def build() -> LatencyModel:
             floor = minimum_keep(cell.groups, MIN_KEEP_RATIO, cell.grid)
-            table, _ = build_latency_model(cell.dense, cell.example_input, cell.groups, cell.cost_model,
-                                           cell.backend, request, cell.workdir / "latency-variants", min_keep=floor)
-            save_table(table, path)
+            return build_latency_model(cell.dense, cell.example_input, cell.groups, cell.cost_model, cell.backend,
+                                       request, cell.workdir / "latency-variants", min_keep=floor)[0]
+
+        table, _ = cached_table(table_key(cell.dense, cell.backend, request), build, warn=print)
     cell.memo["latency-table"] = table
     return table
 
