@@ -125,3 +125,32 @@ def test_default_cpu_measurement_unchanged(tiny_onnx):
     assert m.telemetry["source"] == "none" and m.telemetry["throttled"] is False
     assert "retaken" not in m.telemetry and m.throttled is False
     assert m.latency.n >= 10 and m.latency.median_ms > 0
+
+
+def _deliverable_ctx():
+    from types import SimpleNamespace
+
+    from compressor.console import StageConsole
+    from deploy.profiles import load_profile
+
+    return SimpleNamespace(backend=OnnxRuntimeCPU(intra_op_threads=1), batch_size=1, input_shape=(3, 8, 8),
+                           warmup=WARMUP, iterations=ITERATIONS, profile=load_profile("cpu"),
+                           console=StageConsole(quiet=True), timings={"measure": 0.0})
+
+
+def test_deliverable_over_its_budget_is_measured_once_more_and_says_so(tiny_onnx):
+    from compressor.pipeline import build_and_measure_deliverable
+
+    ctx = _deliverable_ctx()
+    _, m = build_and_measure_deliverable(ctx, tiny_onnx, budget_ms=1e-6)  # no real run fits 1 ns
+    retake = m.telemetry["budget_retake"]
+    assert retake["budget_ms"] == 1e-6 and retake["first_median_ms"] > 0
+    assert m.latency.median_ms > 0
+
+
+@pytest.mark.parametrize("budget_ms", [None, 1e3])
+def test_deliverable_within_budget_or_without_one_is_measured_once(tiny_onnx, budget_ms):
+    from compressor.pipeline import build_and_measure_deliverable
+
+    _, m = build_and_measure_deliverable(_deliverable_ctx(), tiny_onnx, budget_ms=budget_ms)
+    assert "budget_retake" not in m.telemetry
