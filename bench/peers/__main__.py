@@ -13,11 +13,14 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from bench.common import RESULTS
 from bench.peers import grid as grids
 from bench.peers.methods import check_methods
 from bench.peers.results import write_outputs
+
+FINDINGS = Path(__file__).with_name("findings.md")  # the written reading of the full grid's rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.report_only:
         rows = [r for seed, model, data in grid.cells() for b in grid.budgets for m in grid.methods
-                if (r := grids.load_row(grids.row_path(m, model, data, b, seed))) is not None]
+                if (r := grids.read_json(grids.row_path(m, model, data, b, seed))) is not None]
     else:
         rows = grids.run_grid(grid, log=lambda line: print(line, flush=True))
     command = "make bench-quick" if args.quick else "make bench"
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "seeds": grid.seeds, "methods": grid.methods, "target": grids.TARGET},
                   expected_rows=grid.size(), command=command,
                   recipe={"finetune_epochs": grids.FINETUNE_EPOCHS, "train_epochs": grids.TRAIN_EPOCHS,
-                          "train_lr": grids.TRAIN_LR})
+                          "train_lr": grids.TRAIN_LR},
+                  findings=None if args.quick or not FINDINGS.exists() else FINDINGS.read_text())
     print(f"wrote {out}/summary.json and README.md ({len(rows)} of {grid.size()} rows) "
           f"in {time.perf_counter() - started:.0f} s", flush=True)
     return 0

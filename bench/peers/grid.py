@@ -58,7 +58,8 @@ def row_path(method: str, model: str, data: str, budget: float, seed: int) -> Pa
     return ROOT / "rows" / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
 
 
-def load_row(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A saved row (or the baselines file); None when missing or unreadable (the row is run again)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -78,7 +79,7 @@ def baseline_ms(cell: Cell) -> float:
     """The dense architecture's measured latency for (model, data), measured once and kept: every
     seed and method gets the same budget in milliseconds (latency does not depend on weights)."""
     path = ROOT / "baselines.json"
-    known = load_row(path) or {}
+    known = read_json(path) or {}
     key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
     if key not in known:
         known[key] = {"latency_ms": cell.measure(cell.dense, "baseline"), "measured_utc": _now(),
@@ -132,7 +133,7 @@ def run_grid(grid: Grid, log=print) -> list[dict]:
     rows: list[dict] = []
     for seed, model, data in grid.cells():
         paths = {(m, b): row_path(m, model, data, b, seed) for b in grid.budgets for m in grid.methods}
-        done = {k: load_row(p) for k, p in paths.items()}
+        done = {k: read_json(p) for k, p in paths.items()}
         done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
         if all(r is not None for r in done.values()):
             rows.extend(done.values())

@@ -12,6 +12,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 from bench.common import machine
 from deploy.atomic_io import atomic_write_text
@@ -64,6 +65,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _eligible(s: dict) -> bool:
+    """A summary row that competes for "best": it met the budget on every seed and has an accuracy."""
+    return s["met_all"] and s["accuracy_mean"] is not None
+
+
+def _best(rows: Iterable[dict]) -> float | None:
+    return max((s["accuracy_mean"] for s in rows if _eligible(s)), default=None)
+
+
+def _is_best(s: dict, best: float | None) -> bool:
+    return _eligible(s) and s["accuracy_mean"] == best
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
@@ -79,10 +93,10 @@ def table_markdown(summary: list[dict], model: str, data: str) -> list[str]:
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for fraction in sorted({s["budget_fraction"] for s in rows}):
         group = [s for s in rows if s["budget_fraction"] == fraction]
-        best = max((s["accuracy_mean"] for s in group if s["accuracy_mean"] is not None and s["met_all"]), default=None)
+        best = _best(group)
         for s in group:
             acc = "—" if s["accuracy_mean"] is None else f"{_pct(s['accuracy_mean'])} ± {_pct(s['accuracy_std'])}"
-            if best is not None and s["accuracy_mean"] == best:
+            if _is_best(s, best):
                 acc = f"**{acc}**"
             n = len(s["seeds"])
             met = f"{s['met_seeds']}/{n + len(s['failures'])}"
@@ -104,8 +118,7 @@ def headline_markdown(summary: list[dict]) -> list[str]:
         by_setting[(s["model"], s["data"], s["budget_fraction"])][s["method"]] = s
     lines = ["| model | data | budget | " + " | ".join(methods) + " |", "|---|---|---|" + "---:|" * len(methods)]
     for (model, data, fraction), row in sorted(by_setting.items()):
-        eligible = [s["accuracy_mean"] for s in row.values() if s["met_all"] and s["accuracy_mean"] is not None]
-        best = max(eligible, default=None)
+        best = _best(row.values())
         cells = []
         for m in methods:
             s = row.get(m)
@@ -113,7 +126,7 @@ def headline_markdown(summary: list[dict]) -> list[str]:
                 cells.append("—")
                 continue
             text = f"{100 * s['accuracy_mean']:.1f}" + ("" if s["met_all"] else " †")
-            cells.append(f"**{text}**" if s["met_all"] and s["accuracy_mean"] == best else text)
+            cells.append(f"**{text}**" if _is_best(s, best) else text)
         budget = next(iter(row.values()))["budget_ms"]
         lines.append(f"| {model} | {data} | {fraction:.0%} ({budget:.3g} ms) | " + " | ".join(cells) + " |")
     return lines + ["", "Accuracy %, mean over seeds; **bold**: best among methods that met the budget on every "
@@ -128,14 +141,13 @@ def wins_markdown(summary: list[dict]) -> list[str]:
         settings[(s["model"], s["data"], s["budget_fraction"])].append(s)
     tally = {m: {"won": 0, "met": 0, "gaps": []} for m in ORDER if any(s["method"] == m for s in summary)}
     for group in settings.values():
-        eligible = [s for s in group if s["met_all"] and s["accuracy_mean"] is not None]
-        best = max((s["accuracy_mean"] for s in eligible), default=None)
+        best = _best(group)
         for s in group:
             t = tally.setdefault(s["method"], {"won": 0, "met": 0, "gaps": []})
-            if s in eligible:
+            if _eligible(s):
                 t["met"] += 1
                 t["gaps"].append(best - s["accuracy_mean"])
-                t["won"] += int(s["accuracy_mean"] == best)
+                t["won"] += int(_is_best(s, best))
     lines = ["## Wins and losses", "", f"{len(settings)} settings (model x data x budget).", "",
              "| method | best accuracy (settings) | met the budget on every seed (settings) | mean gap to the best, points |",
              "|---|---:|---:|---:|"]
@@ -182,7 +194,7 @@ def plot_pareto(summary: list[dict], model: str, data: str, path: Path) -> bool:
 
 
 def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expected_rows: int,
-                  command: str, recipe: dict) -> list[dict]:
+                  command: str, recipe: dict, findings: str | None = None) -> list[dict]:
     summary = summarise(rows)
     pairs = sorted({(s["model"], s["data"]) for s in summary})
     payload = {"rows": summary, "generated_utc": rows[-1]["finished_utc"] if rows else None, "machine": machine(),
@@ -206,9 +218,8 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
              "seeds whose final latency is within the budget. Accuracy: validation split, mean ± std over "
              "seeds; **bold** is the best among methods that met the budget on every seed.", ""]
     lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary)
-    findings = Path(__file__).with_name("findings.md")
-    if findings.exists():  # the written reading of these numbers, kept next to the code that made them
-        lines += [findings.read_text().strip(), ""]
+    if findings:  # the written reading of these numbers (bench/peers/findings.md), for the full grid only
+        lines += [findings.strip(), ""]
     for m, d in pairs:
         lines += table_markdown(summary, m, d)
         if (m, d) in plots:
