@@ -174,3 +174,28 @@ def test_a_failed_seed_is_listed_not_averaged():
     (s,) = summarise(rows)
     assert s["seeds"] == [0] and s["accuracy_mean"] == pytest.approx(0.90)
     assert s["failures"] == [{"seed": 1, "why": "no plan met it"}] and not s["met_all"]
+
+
+def test_a_filtered_run_reports_every_cached_row_of_the_grid(tmp_path, monkeypatch):
+    from bench.peers import __main__ as cli
+    from bench.peers import grid as grids
+
+    monkeypatch.setattr(grids, "ROOT", tmp_path / "work")
+    monkeypatch.setattr(cli, "RESULTS", tmp_path / "results")
+    ran = []
+    monkeypatch.setattr(grids, "run_grid", lambda grid, log=print: ran.append(grid) or [])
+    kept = {0: 0.90, 1: 0.94}
+    for seed, accuracy in kept.items():  # two rows of the quick grid already run
+        path = grids.row_path("uniform-l1", "resnet20", "digits", 0.5, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_row(seed, accuracy)))
+    assert cli.main(["--seeds", "1", "--methods", "halp-knapsack", "itpruner"]) == 0
+    (selection,) = ran
+    assert selection.seeds == (1,) and selection.methods == ("halp-knapsack", "itpruner")
+    assert selection.models == grids.FULL.models and selection.budgets == grids.FULL.budgets
+    payload = json.loads((tmp_path / "results" / "summary.json").read_text())
+    (row,) = payload["rows"]  # the report covers the whole grid's cached rows, not only the filtered run
+    assert row["method"] == "uniform-l1" and row["seeds"] == [0, 1]
+    assert row["accuracy_mean"] == pytest.approx(0.92)
+    with pytest.raises(SystemExit):
+        cli.main(["--models", "vgg99"])

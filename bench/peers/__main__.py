@@ -3,6 +3,7 @@
     python -m bench.peers                 # the full grid -> bench/results/summary.json, README.md, PNGs
     python -m bench.peers --quick         # ResNet-20 on digits, seed 0 -> bench/results/quick/
     python -m bench.peers --report-only   # rebuild the outputs from the rows already run
+    python -m bench.peers --models resnet56 --seeds 0 --methods halp-knapsack   # run only some rows
 
 Rows are cached under runs/bench/peers/rows/, so a stopped run resumes and quick rows count
 towards the full grid. Run it alone: other work on a 2-core machine distorts every latency.
@@ -29,31 +30,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick subset (make bench-quick)")
     parser.add_argument("--report-only", action="store_true", help="write outputs from cached rows; run nothing")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all six)")
-    parser.add_argument("--models", nargs="+", help="only these models")
+    parser.add_argument("--models", nargs="+", choices=grids.FULL.models, help="only these models")
+    parser.add_argument("--data", nargs="+", choices=("shapes", "digits"), help="only these data sets")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (e.g. --seeds 0)")
     args = parser.parse_args(argv)
-    grid = grids.QUICK if args.quick else grids.FULL
+    full = grids.QUICK if args.quick else grids.FULL
+    # The filters choose which rows to *run*; the outputs always cover every row of the whole grid
+    # that has been run, so a filtered run never shrinks the committed results.
     if args.methods:
         check_methods(args.methods)
-        grid = grids.Grid(grid.models, grid.data, grid.budgets, grid.seeds, tuple(args.methods))
-    if args.models:
-        grid = grids.Grid(tuple(args.models), grid.data, grid.budgets, grid.seeds, grid.methods)
+    run = grids.Grid(tuple(args.models or full.models), tuple(args.data or full.data), full.budgets,
+                     tuple(args.seeds if args.seeds is not None else full.seeds), tuple(args.methods or full.methods))
     out = RESULTS / "quick" if args.quick else RESULTS
     # The bench's latency tables and Shapley passes live with its rows, not in the user's cache.
     os.environ.setdefault("COMPRESS_CACHE_DIR", str(grids.ROOT / "cache"))
     started = time.perf_counter()
-    if args.report_only:
-        rows = [r for seed, model, data in grid.cells() for b in grid.budgets for m in grid.methods
-                if (r := grids.read_json(grids.row_path(m, model, data, b, seed))) is not None]
-    else:
-        rows = grids.run_grid(grid, log=lambda line: print(line, flush=True))
+    if not args.report_only:
+        grids.run_grid(run, log=lambda line: print(line, flush=True))
+    rows = grids.cached_rows(full)
     command = "make bench-quick" if args.quick else "make bench"
-    write_outputs(rows, out, grid_description={"models": grid.models, "data": grid.data, "budgets": grid.budgets,
-                                               "seeds": grid.seeds, "methods": grid.methods, "target": grids.TARGET},
-                  expected_rows=grid.size(), command=command,
+    write_outputs(rows, out, grid_description={"models": full.models, "data": full.data, "budgets": full.budgets,
+                                               "seeds": full.seeds, "methods": full.methods, "target": grids.TARGET},
+                  expected_rows=full.size(), command=command,
                   recipe={"finetune_epochs": grids.FINETUNE_EPOCHS, "train_epochs": grids.TRAIN_EPOCHS,
                           "train_lr": grids.TRAIN_LR},
                   findings=None if args.quick or not FINDINGS.exists() else FINDINGS.read_text())
-    print(f"wrote {out}/summary.json and README.md ({len(rows)} of {grid.size()} rows) "
+    print(f"wrote {out}/summary.json and README.md ({len(rows)} of {full.size()} rows) "
           f"in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

@@ -128,6 +128,12 @@ def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accura
     return row
 
 
+def cached_rows(grid: Grid) -> list[dict]:
+    """The rows of `grid` already run (error rows included: the report lists them), in grid order."""
+    return [r for seed, model, data in grid.cells() for b in grid.budgets for m in grid.methods
+            if (r := read_json(row_path(m, model, data, b, seed))) is not None]
+
+
 def run_grid(grid: Grid, log=print) -> list[dict]:
     """Every row of `grid`, run or loaded from the row cache; returns them all."""
     rows: list[dict] = []
