@@ -33,7 +33,8 @@ def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: fl
     from compressor.model_loading import build_model, save_weights
     from compressor.training import evaluate, train
 
-    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}.pt"
+    recipe = f"e{epochs}-s{seed}" + ("" if lr == 0.05 else f"-lr{lr:g}")  # 0.05: the name predates the lr
+    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-{recipe}.pt"
     if path.exists():
         return path
     torch.manual_seed(seed)
