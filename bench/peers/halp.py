@@ -11,7 +11,10 @@ the one `compress` builds on the target, so both methods see the same latency mo
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+import sys
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +63,21 @@ def bn_taylor_scores(model: torch.nn.Module, groups: Sequence[PrunableGroup], x:
     return scores
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """HiGHS's MIP solver writes debug lines straight to file descriptor 1 (scipy's ``disp=False`` does
+    not reach them), which would interleave with the bench's log: point fd 1 at /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def knapsack(values: list[np.ndarray], costs: list[np.ndarray], capacity: float) -> list[int] | None:
     """Pick one option per group maximising the summed value with summed cost <= capacity.
 
@@ -75,7 +93,8 @@ def knapsack(values: list[np.ndarray], costs: list[np.ndarray], capacity: float)
         start += size
     constraints = [LinearConstraint(one_each, 1.0, 1.0),
                    LinearConstraint(np.concatenate(costs)[None, :], -np.inf, capacity)]
-    result = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+    with _quiet_stdout():
+        result = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
     if result.x is None:
         return None
     chosen, start = [], 0
