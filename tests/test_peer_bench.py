@@ -166,6 +166,8 @@ def test_summary_folds_seeds_and_keeps_the_contract(tmp_path):
     assert payload["complete"] is False and payload["rows"][0]["method"] == "uniform-l1"
     text = (tmp_path / "README.md").read_text()
     assert "PARTIAL" in text and "| uniform-l1 |" in text
+    # the headline row: 3 seeds, the dense accuracy, then the method's mean with a dagger (seed 2 missed)
+    assert "| resnet20 | digits | 50% (0.35 ms) | 3 | 99.0 | 92.0 † |" in text
     assert (tmp_path / "pareto-resnet20-digits.png").stat().st_size > 1000
 
 

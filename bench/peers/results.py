@@ -116,7 +116,8 @@ def headline_markdown(summary: list[dict]) -> list[str]:
     by_setting: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for s in summary:
         by_setting[(s["model"], s["data"], s["budget_fraction"])][s["method"]] = s
-    lines = ["| model | data | budget | " + " | ".join(methods) + " |", "|---|---|---|" + "---:|" * len(methods)]
+    lines = ["| model | data | budget | seeds | dense | " + " | ".join(methods) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(methods)]
     for (model, data, fraction), row in sorted(by_setting.items()):
         best = _best(row.values())
         cells = []
@@ -128,9 +129,14 @@ def headline_markdown(summary: list[dict]) -> list[str]:
             text = f"{100 * s['accuracy_mean']:.1f}" + ("" if s["met_all"] else " †")
             cells.append(f"**{text}**" if _is_best(s, best) else text)
         budget = next(iter(row.values()))["budget_ms"]
-        lines.append(f"| {model} | {data} | {fraction:.0%} ({budget:.3g} ms) | " + " | ".join(cells) + " |")
-    return lines + ["", "Accuracy %, mean over seeds; **bold**: best among methods that met the budget on every "
-                        "seed; †: some seed's final latency missed the budget.", ""]
+        seeds = len({seed for s in row.values() for seed in s["seeds"]} | {f["seed"] for s in row.values()
+                                                                             for f in s["failures"]})
+        dense = statistics.fmean(s["dense_accuracy_mean"] for s in row.values())
+        lines.append(f"| {model} | {data} | {fraction:.0%} ({budget:.3g} ms) | {seeds} | {100 * dense:.1f} | "
+                     + " | ".join(cells) + " |")
+    return lines + ["", "Accuracy %, mean over seeds; dense: the unpruned network's accuracy (mean over seeds); "
+                        "**bold**: best among methods that met the budget on every seed; †: some seed's final "
+                        "latency missed the budget.", ""]
 
 
 def wins_markdown(summary: list[dict]) -> list[str]:
