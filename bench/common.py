@@ -25,7 +25,15 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "bench"   # ignored by git: weights and run folders
 
 
-def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: float = 0.05) -> Path:
+DEFAULT_TRAIN_LR = 0.05
+
+
+def lr_tag(lr: float) -> str:
+    """The learning rate's part of a cache name: empty at the default (those names predate the lr)."""
+    return "" if lr == DEFAULT_TRAIN_LR else f"-lr{lr:g}"
+
+
+def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: float = DEFAULT_TRAIN_LR) -> Path:
     """Train ``model`` on ``data`` once and reuse the state_dict on later bench runs."""
     import torch
 
@@ -33,8 +41,7 @@ def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: fl
     from compressor.model_loading import build_model, save_weights
     from compressor.training import evaluate, train
 
-    recipe = f"e{epochs}-s{seed}" + ("" if lr == 0.05 else f"-lr{lr:g}")  # 0.05: the name predates the lr
-    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-{recipe}.pt"
+    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}{lr_tag(lr)}.pt"
     if path.exists():
         return path
     torch.manual_seed(seed)

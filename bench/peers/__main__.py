@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         check_methods(args.methods)
     run = grids.Grid(tuple(args.models or full.models), tuple(args.data or full.data), full.budgets,
-                     tuple(args.seeds if args.seeds is not None else full.seeds), tuple(args.methods or full.methods))
+                     tuple(args.seeds or full.seeds), tuple(args.methods or full.methods))
     out = RESULTS / "quick" if args.quick else RESULTS
     # The bench's latency tables and Shapley passes live with its rows, not in the user's cache.
     os.environ.setdefault("COMPRESS_CACHE_DIR", str(grids.ROOT / "cache"))

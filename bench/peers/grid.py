@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from bench.common import WORK, trained_weights
+from bench.common import DEFAULT_TRAIN_LR, WORK, lr_tag, trained_weights
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
 from deploy.atomic_io import atomic_write_text
@@ -24,15 +24,15 @@ from deploy.atomic_io import atomic_write_text
 TARGET = "cpu"
 FINETUNE_EPOCHS = 3
 TRAIN_EPOCHS = {"digits": 8, "shapes": 12}
-TRAIN_LR = 0.05
+TRAIN_LR = DEFAULT_TRAIN_LR
 # ResNet-56 at 0.05 (no warm-up) stayed at chance for 6 of 12 epochs on shapes and ended at 45%
 # validation accuracy; at 0.02 it learns from epoch 2 (67% after 12 epochs, measured).
 TRAIN_LR_BY_MODEL = {"resnet56": 0.02}
+ROOT = WORK / "peers"
 
 
 def train_lr(model: str) -> float:
     return TRAIN_LR_BY_MODEL.get(model, TRAIN_LR)
-ROOT = WORK / "peers"
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ QUICK = Grid(models=("resnet20",), data=("digits",), budgets=(0.5, 0.7), seeds=(
 
 
 def row_path(method: str, model: str, data: str, budget: float, seed: int) -> Path:
-    lr = train_lr(model)
-    recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}" + ("" if lr == TRAIN_LR else f"-lr{lr:g}")
+    recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}{lr_tag(train_lr(model))}"
     return ROOT / "rows" / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
 
 
@@ -142,15 +141,14 @@ def cached_rows(grid: Grid) -> list[dict]:
             if (r := read_json(row_path(m, model, data, b, seed))) is not None]
 
 
-def run_grid(grid: Grid, log=print) -> list[dict]:
-    """Every row of `grid`, run or loaded from the row cache; returns them all."""
-    rows: list[dict] = []
+def run_grid(grid: Grid, log=print) -> None:
+    """Run every row of `grid` that the row cache does not hold yet (error rows are run again);
+    `cached_rows` reads them all back."""
     for seed, model, data in grid.cells():
         paths = {(m, b): row_path(m, model, data, b, seed) for b in grid.budgets for m in grid.methods}
         done = {k: read_json(p) for k, p in paths.items()}
         done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
         if all(r is not None for r in done.values()):
-            rows.extend(done.values())
             continue
         weights = trained_weights(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, lr=train_lr(model))
         cell = Cell.open(model, data, seed, weights, target=TARGET, workdir=ROOT / "work" / f"{model}-{data}-s{seed}",
@@ -159,14 +157,11 @@ def run_grid(grid: Grid, log=print) -> list[dict]:
         dense_accuracy = cell.accuracy(cell.dense)
         for budget in grid.budgets:
             for method in grid.methods:
-                row = done[(method, budget)]
-                if row is None:
+                if done[(method, budget)] is None:
                     log(f"{method} on {model}/{data} seed {seed}, budget {budget:.0%} of {base:.4g} ms ...")
                     row = run_row(cell, method, budget, base, dense_accuracy)
                     atomic_write_text(paths[(method, budget)], json.dumps(row, indent=2) + "\n")
                     log(_describe(row))
-                rows.append(row)
-    return rows
 
 
 def _describe(row: dict) -> str:
