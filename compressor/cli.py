@@ -79,7 +79,9 @@ def _stdout() -> Console:
 @click.option("--shapley-permutations", type=int,
               help="antithetic permutations every group gets before refinement, >= 2 (default 8)")
 @click.option("--shapley-evaluations", type=int,
-              help="cap on coalition evaluations per group for refining the final cut (default 300; 0: no refinement)")
+              help="cap on coalition evaluations per group for refining the final cut (default 30; 0: no refinement)")
+@click.option("--shapley-max-channels", type=int,
+              help="groups wider than this are ranked by taylor instead of Shapley values (default 128; 0: no limit)")
 @click.option("--utility", type=click.Choice(["log", "linear"]),
               help="allocation objective per group: log (default, no layer starved) or linear (ITPruner's)")
 @click.option("--max-iterations", type=int, help="closed-loop iterations for a latency budget (default 4)")

@@ -30,6 +30,15 @@ IMPORTANCE_METHODS = ("nhsic", "concentration", "fused", "uniform")
 NHSIC_ESTIMATORS = ("biased", "debiased")
 RANKING_METHODS = ("l1", "taylor", "shapley")
 UTILITIES = ("log", "linear")
+# Shapley refinement cap per group (coalition evaluations). On ResNet-56/shapes (bench/peers/findings.md)
+# 300 took 385 s per plan and left 24 of 30 groups unresolved; 30 took 34 s and left 25: past the first
+# few dozen evaluations the channels still straddling the cut are statistical ties.
+SHAPLEY_EVALUATIONS = 30
+# Groups wider than this are ranked by Taylor, the channel game's first-order linearisation: the
+# permutation estimator costs permutations x (channels + 1) suffix passes per group: MobileNetV2 has
+# 9,128 prunable channels (ResNet-56: 1,120) and its initial pass had not finished after 16 minutes
+# on the 2-core CPU. 0: no limit.
+SHAPLEY_MAX_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,10 @@ class Budget:
         if self.kind == "speedup":
             return f"speedup >= {self.value:g}x (latency <= baseline / {self.value:g})"
         return f"{self.kind} <= {_human(self.value)}"
+
+
+def _default_if_none(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _human(value: float) -> str:
@@ -74,7 +87,8 @@ class JobConfig:
     ranking: str = "shapley"
     shapley_samples: int = 64
     shapley_permutations: int = 8
-    shapley_evaluations: int = 300
+    shapley_evaluations: int = SHAPLEY_EVALUATIONS
+    shapley_max_channels: int = SHAPLEY_MAX_CHANNELS
     utility: str = "log"
     max_iterations: int = 4
     batch_size: int | None = None
@@ -92,8 +106,8 @@ class JobConfig:
         """What must match for `--resume` to continue an earlier run in the same folder."""
         keys = ("model", "data", "target", "input_size", "finetune_epochs", "finetune_lr", "calib_size",
                 "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight", "ranking",
-                "shapley_samples", "shapley_permutations", "shapley_evaluations", "utility",
-                "batch_size", "min_keep_ratio", "latency_variants")
+                "shapley_samples", "shapley_permutations", "shapley_evaluations", "shapley_max_channels",
+                "utility", "batch_size", "min_keep_ratio", "latency_variants")
         fp = {k: _jsonable(getattr(self, k)) for k in keys}
         fp["latency_table"] = str(self.latency_table) if self.latency_table else None
         fp["weights"] = str(self.weights) if self.weights else None
@@ -112,7 +126,7 @@ def _jsonable(value: Any) -> Any:
 # Keys a compress.yaml may hold (dashes normalised to underscores).
 _YAML_KEYS = {"model", "weights", "data", "target", "out", "input_size", "finetune_epochs", "finetune_lr",
               "calib_size", "seed", "importance", "beta_per_layer", "nhsic_estimator", "concentration_weight",
-              "ranking", "shapley_samples", "shapley_permutations", "shapley_evaluations",
+              "ranking", "shapley_samples", "shapley_permutations", "shapley_evaluations", "shapley_max_channels",
               "utility", "max_iterations", "batch_size", "warmup", "latency_table", "latency_variants", "lock_clocks",
               "iterations", "min_keep_ratio", "budget", *BUDGET_KINDS}
 
@@ -275,7 +289,8 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
         ranking=ranking,
         shapley_samples=positive_int("shapley_samples") or 64,
         shapley_permutations=positive_int("shapley_permutations", 2) or 8,
-        shapley_evaluations=positive_int("shapley_evaluations", 0) if merged.get("shapley_evaluations") is not None else 300,
+        shapley_evaluations=_default_if_none(positive_int("shapley_evaluations", 0), SHAPLEY_EVALUATIONS),
+        shapley_max_channels=_default_if_none(positive_int("shapley_max_channels", 0), SHAPLEY_MAX_CHANNELS),
         utility=utility,
         max_iterations=positive_int("max_iterations") or 4,
         batch_size=positive_int("batch_size"),

@@ -199,6 +199,7 @@ class ChannelRanking:
     trial plans are measured for latency, which depends on how many channels are kept, not on
     which, so they use the unrefined values. The initial pass does not depend on the budget: it is
     cached on disk (``compressor.shapley_cache``) and a rerun with another budget starts from it.
+    Groups wider than ``--shapley-max-channels`` are ranked by ``taylor`` instead (see job_config).
     """
 
     def __init__(self, ctx: JobContext, model: torch.nn.Module, groups: list[PrunableGroup]):
@@ -209,15 +210,25 @@ class ChannelRanking:
         self.method = ctx.config.ranking
         self.groups = groups
         self.samples = min(ctx.config.shapley_samples, int(ctx.data.calib_x.shape[0]))
-        self._fixed: dict[str, torch.Tensor] | None = None
+        self._fixed: dict[str, torch.Tensor] = {}  # scores computed once: l1 / taylor, or Taylor for wide groups
         self._shapley: ShapleyRanker | None = None
         self.initial_pass_source: str | None = None  # where prepare() got the Shapley initial pass
+        self.taylor_groups: list[str] = []  # --ranking shapley: groups too wide for Shapley values
         if self.method == "shapley":
-            self._shapley = ShapleyRanker(model, [g for g in groups if g.prunable], ctx.data.calib_x[:self.samples],
-                                          loss="kd", seed=ctx.config.seed,
-                                          initial_permutations=ctx.config.shapley_permutations,
-                                          max_evaluations_per_group=max(1, ctx.config.shapley_evaluations),
-                                          indifference=SHAPLEY_INDIFFERENCE)
+            limit = ctx.config.shapley_max_channels
+            prunable = [g for g in groups if g.prunable]
+            narrow = [g for g in prunable if limit == 0 or g.channels <= limit]
+            wide = [g for g in prunable if g not in narrow]
+            if narrow:
+                self._shapley = ShapleyRanker(model, narrow, ctx.data.calib_x[:self.samples], loss="kd",
+                                              seed=ctx.config.seed,
+                                              initial_permutations=ctx.config.shapley_permutations,
+                                              max_evaluations_per_group=max(1, ctx.config.shapley_evaluations),
+                                              indifference=SHAPLEY_INDIFFERENCE)
+            if wide:
+                self.taylor_groups = [g.name for g in wide]
+                self._fixed = channel_scores(model, wide, method="taylor", calib_x=ctx.data.calib_x,
+                                             calib_y=ctx.data.calib_y)
         else:
             self._fixed = channel_scores(model, groups, method=self.method, calib_x=ctx.data.calib_x,
                                          calib_y=ctx.data.calib_y)
@@ -262,8 +273,7 @@ class ChannelRanking:
 
     def _shapley_scores(self, keep: dict[str, int] | None, what: str) -> dict[str, torch.Tensor]:
         assert self._shapley is not None
-        prunable = [g for g in self.groups if g.prunable]
-        with self.console.stage(f"Shapley channel values ({what})", total=len(prunable)) as advance:
+        with self.console.stage(f"Shapley channel values ({what})", total=len(self._shapley.groups)) as advance:
             return self._shapley.scores(keep, progress=lambda name: advance(1, name))
 
     def plan(self, keep: dict[str, int], *, refine: bool = True) -> ChannelPlan:
@@ -272,12 +282,13 @@ class ChannelRanking:
             self.prepare()  # a resumed job whose search was saved: the same initial pass (cached) first
         started = time.perf_counter()
         wanted = {g.name: int(keep[g.name]) for g in self.groups if g.prunable}
-        if self._shapley is None:
-            scores = self._fixed
-        elif refine and self.config.shapley_evaluations > 0:
-            scores = self._shapley_scores(wanted, "refined around the cut")
-        else:  # the current estimates; no progress display (we may be inside another stage)
-            scores = self._shapley.scores(None)
+        scores = dict(self._fixed)
+        if self._shapley is not None:
+            if refine and self.config.shapley_evaluations > 0:
+                cut = {name: k for name, k in wanted.items() if name in self._shapley.groups}
+                scores.update(self._shapley_scores(cut, "refined around the cut"))
+            else:  # the current estimates; no progress display (we may be inside another stage)
+                scores.update(self._shapley.scores(None))
         plan = select_top({name: scores[name] for name in wanted}, wanted)
         self.timings["ranking"] += time.perf_counter() - started
         return plan
@@ -285,16 +296,19 @@ class ChannelRanking:
     def summary(self) -> dict:
         """For the report: the method and, for Shapley, evaluations spent per group and where the initial
         pass came from (None: prepare() did not run: nothing was pruned)."""
-        if self._shapley is None:
+        if self.method != "shapley":
             return {"method": self.method}
-        groups = self._shapley.report
+        groups = self._shapley.report if self._shapley is not None else {}
         return {"method": self.method, "samples": self.samples, "loss": "kd",
                 "initial_permutations": self.config.shapley_permutations,
                 "max_evaluations_per_group": self.config.shapley_evaluations,
-                "confidence": self._shapley.confidence, "indifference": self._shapley.indifference,
+                "max_channels": self.config.shapley_max_channels,
+                "confidence": self._shapley.confidence if self._shapley is not None else None,
+                "indifference": SHAPLEY_INDIFFERENCE,
                 "initial_pass": self.initial_pass_source,
                 "evaluations": sum(g["evaluations"] for g in groups.values()),
-                "stable_groups": sum(bool(g["stable"]) for g in groups.values()), "groups": groups}
+                "stable_groups": sum(bool(g["stable"]) for g in groups.values()), "groups": groups,
+                "taylor_groups": list(self.taylor_groups)}
 
 
 def solver_summary(allocation: Allocation) -> dict:

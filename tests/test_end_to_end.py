@@ -215,6 +215,36 @@ def test_shapley_is_the_default_ranking_and_reports_its_evaluations(digits_weigh
     assert json.loads((out / "pruned.plan.json").read_text()) == plan
 
 
+def test_groups_wider_than_shapley_max_channels_are_ranked_by_taylor(digits_weights, tmp_path):
+    from compressor.channel_ranking import channel_scores, select_top
+    from compressor.groups import discover_groups
+    from compressor.model_loading import build_model, load_weights
+
+    out = tmp_path / "run"
+    code, report = _compress(out, "--weights", str(digits_weights), "--flops", "20M", "--finetune-epochs", "0",
+                             "--shapley-samples", "16", "--shapley-permutations", "2", "--shapley-evaluations", "0",
+                             "--shapley-max-channels", "16")
+    assert code == 0
+    ranking = report["ranking"]
+    assert ranking["method"] == "shapley" and ranking["max_channels"] == 16
+    prunable = {g["name"]: g for g in report["groups"] if g["prunable"]}
+    wide = sorted(n for n, g in prunable.items() if g["channels"] > 16)
+    assert wide and sorted(ranking["taylor_groups"]) == wide
+    assert set(ranking["groups"]) == set(prunable) - set(wide)  # Shapley evaluations only where narrow
+    # a wide group keeps exactly the channels Taylor ranks highest on the job's calibration data
+    data = load_data("digits", seed=0)
+    dense = build_model("resnet20", num_classes=10, in_channels=data.in_channels)
+    load_weights(dense, digits_weights)
+    groups = [g for g in discover_groups(dense.eval(), torch.zeros(1, *data.input_shape)) if g.name in wide]
+    taylor = channel_scores(dense, groups, method="taylor", calib_x=data.calib_x, calib_y=data.calib_y)
+    expected = select_top(taylor, {n: prunable[n]["kept"] for n in wide})
+    plan = json.loads((out / "pruned.plan.json").read_text())["plan"]
+    pruned_wide = [n for n in wide if prunable[n]["kept"] < prunable[n]["channels"]]
+    assert pruned_wide
+    for name in pruned_wide:
+        assert plan[name] == expected.kept[name], name
+
+
 def test_budget_above_baseline_prunes_nothing(digits_weights, tmp_path):
     code, report = _compress(tmp_path / "run", "--weights", str(digits_weights), "--flops", "1G")
     assert code == 0 and report["met"]

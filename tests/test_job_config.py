@@ -95,15 +95,19 @@ def test_input_size_rejects(text):
 
 def test_shapley_is_the_default_ranking_with_documented_settings(tmp_path):
     cfg = build_job_config(_flags(flops="10M"), config_path=tmp_path / "none.yaml")
-    assert (cfg.ranking, cfg.shapley_samples, cfg.shapley_permutations, cfg.shapley_evaluations) == ("shapley", 64, 8, 300)
-    cfg = build_job_config(_flags(flops="10M", shapley_samples=16, shapley_permutations=2, shapley_evaluations=0),
-                           config_path=tmp_path / "none.yaml")
-    assert (cfg.shapley_samples, cfg.shapley_permutations, cfg.shapley_evaluations) == (16, 2, 0)
+    assert (cfg.ranking, cfg.shapley_samples, cfg.shapley_permutations, cfg.shapley_evaluations,
+            cfg.shapley_max_channels) == ("shapley", 64, 8, 30, 128)
+    cfg = build_job_config(_flags(flops="10M", shapley_samples=16, shapley_permutations=2, shapley_evaluations=0,
+                                  shapley_max_channels=0), config_path=tmp_path / "none.yaml")
+    assert (cfg.shapley_samples, cfg.shapley_permutations, cfg.shapley_evaluations, cfg.shapley_max_channels) == \
+        (16, 2, 0, 0)
     assert cfg.fingerprint()["shapley_samples"] == 16  # a resume with other Shapley settings is refused
+    assert cfg.fingerprint()["shapley_max_channels"] == 0
 
 
 @pytest.mark.parametrize("key,value", [("shapley_samples", 0), ("shapley_permutations", 1),
-                                       ("shapley_evaluations", -1), ("shapley_samples", "many")])
+                                       ("shapley_evaluations", -1), ("shapley_samples", "many"),
+                                       ("shapley_max_channels", -1), ("shapley_max_channels", 1.5)])
 def test_bad_shapley_settings_are_one_line_errors(tmp_path, key, value):
     with pytest.raises(BadInput, match="--" + key.replace("_", "-")):
         build_job_config(_flags(flops="10M", **{key: value}), config_path=tmp_path / "none.yaml")

@@ -186,7 +186,7 @@ class _Console(StageConsole):
 
 def _channel_ranking(model: nn.Module, x: torch.Tensor, groups: list[PrunableGroup]) -> ChannelRanking:
     config = SimpleNamespace(ranking="shapley", shapley_samples=SAMPLES, seed=0, shapley_permutations=2,
-                             shapley_evaluations=300)
+                             shapley_evaluations=300, shapley_max_channels=0)
     ctx = SimpleNamespace(timings={"ranking": 0.0}, console=_Console(), config=config,
                           data=SimpleNamespace(calib_x=x, calib_y=None))
     return ChannelRanking(ctx, model, groups)

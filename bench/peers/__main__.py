@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                                "seeds": full.seeds, "methods": full.methods, "target": grids.TARGET},
                   expected_rows=full.size(), command=command,
                   recipe={"finetune_epochs": grids.FINETUNE_EPOCHS, "train_epochs": grids.TRAIN_EPOCHS,
-                          "train_lr": grids.TRAIN_LR, "train_lr_by_model": grids.TRAIN_LR_BY_MODEL},
+                          "train_lr": grids.TRAIN_LR, "train_lr_by_model": grids.TRAIN_LR_BY_MODEL,
+                          "compressor_shapley": {"evaluations_per_group": grids.SHAPLEY_EVALUATIONS,
+                                                 "max_channels": grids.SHAPLEY_MAX_CHANNELS}},
                   findings=None if args.quick or not FINDINGS.exists() else FINDINGS.read_text())
     print(f"wrote {out}/summary.json and README.md ({len(rows)} of {full.size()} rows) "
           f"in {time.perf_counter() - started:.0f} s", flush=True)

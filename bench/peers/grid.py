@@ -19,6 +19,7 @@ from typing import Iterable
 from bench.common import DEFAULT_TRAIN_LR, WORK, lr_tag, trained_weights
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
+from compressor.job_config import SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
 from deploy.atomic_io import atomic_write_text
 
 TARGET = "cpu"
@@ -62,6 +63,8 @@ QUICK = Grid(models=("resnet20",), data=("digits",), budgets=(0.5, 0.7), seeds=(
 
 def row_path(method: str, model: str, data: str, budget: float, seed: int) -> Path:
     recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}{lr_tag(train_lr(model))}"
+    if method.startswith("compressor"):  # rows run the product's defaults: a changed default is a new row
+        recipe += f"-sh{SHAPLEY_EVALUATIONS}x{SHAPLEY_MAX_CHANNELS}"
     return ROOT / "rows" / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
 
 
