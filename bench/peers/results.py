@@ -65,6 +65,20 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def finished_cells(rows: list[dict], methods: Iterable[str], budgets: Iterable[float]) -> tuple[list[dict], list[dict]]:
+    """(rows of the (model, data, seed) cells that every method has run at every budget, the others).
+
+    Methods are compared on the same seeds only: while a cell is unfinished, a method that has run
+    it would average one more seed than one that has not."""
+    wanted = {(m, float(b)) for m in methods for b in budgets}
+    have: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        have[(r["model"], r["data"], r["seed"])].add((r["method"], float(r["budget_fraction"])))
+    done = {cell for cell, runs in have.items() if wanted <= runs}
+    finished = [r for r in rows if (r["model"], r["data"], r["seed"]) in done]
+    return finished, [r for r in rows if (r["model"], r["data"], r["seed"]) not in done]
+
+
 def _eligible(s: dict) -> bool:
     """A summary row that competes for "best": it met the budget on every seed and has an accuracy."""
     return s["met_all"] and s["accuracy_mean"] is not None
@@ -201,11 +215,17 @@ def plot_pareto(summary: list[dict], model: str, data: str, path: Path) -> bool:
 
 def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expected_rows: int,
                   command: str, recipe: dict, findings: str | None = None) -> list[dict]:
+    """Write summary.json, README.md and the PNGs. With the grid's methods and budgets in
+    `grid_description`, rows of unfinished cells are counted but left out of the tables."""
+    waiting: list[dict] = []
+    if "methods" in grid_description and "budgets" in grid_description:
+        rows, waiting = finished_cells(rows, grid_description["methods"], grid_description["budgets"])
     summary = summarise(rows)
     pairs = sorted({(s["model"], s["data"]) for s in summary})
     payload = {"rows": summary, "generated_utc": rows[-1]["finished_utc"] if rows else None, "machine": machine(),
                "command": command, "grid": grid_description, "recipe": recipe,
-               "complete": len(rows) == expected_rows, "row_runs": len(rows), "expected_row_runs": expected_rows,
+               "complete": len(rows) == expected_rows, "row_runs": len(rows) + len(waiting),
+               "rows_waiting": len(waiting), "expected_row_runs": expected_rows,
                "commits": sorted({r["commit"] for r in rows})}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
@@ -213,8 +233,10 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
     lines = [f"# Peer benchmark: accuracy at a measured latency budget ({'complete' if payload['complete'] else 'PARTIAL'})",
              "", f"Reproduce: `{command}`. Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
              f"ONNX Runtime {payload['machine']['onnxruntime']}, torch {payload['machine']['torch']}.",
-             f"Rows run: {len(rows)} of {expected_rows} (method x model x data x budget x seed). Commits: "
-             f"{', '.join(payload['commits'])}.", "",
+             f"Rows run: {payload['row_runs']} of {expected_rows} (method x model x data x budget x seed)"
+             + (f"; {len(waiting)} of them are in (model, data, seed) cells not every method has finished, "
+                "and wait outside the tables so that every method is averaged over the same seeds"
+                if waiting else "") + f". Commits: {', '.join(payload['commits'])}.", "",
              "Every method starts from the same trained network, meets the same budget measured on the `cpu` target "
              "(ONNX Runtime, 1 thread, 50 warm-up + 300 timed runs, median), and gets the same fine-tune "
              f"({recipe['finetune_epochs']} epochs of distillation from the dense network after BatchNorm "
