@@ -1,7 +1,9 @@
 """The closed loop for a latency budget: solve on the latency model, build, measure, correct, re-solve.
 
 Each iteration solves against the model corrected by the last measurement (`CorrectedLatency`),
-so a miss moves the next plan by the measured error. It stops at the first plan measured inside
+so a miss moves the next plan by the measured error. A reading taken while the host ran slower
+than when the baseline was timed is normalised by that drift first (`compressor.host_drift`).
+It stops at the first plan measured inside
 the acceptance band, or after `max_iterations`. The pipeline (`search_latency`) and the latency
 bench (bench/latency_model.py) run this same function; only how a plan is built and measured
 differs.
@@ -14,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from compressor.allocation import Allocation
+from compressor.host_drift import Reading
 from compressor.latency_table import CorrectedLatency, LatencyModel
 
 # A plan is accepted when measured in [ACCEPT_LOW, ACCEPT_HIGH] x budget. The guard band below the
@@ -28,8 +31,9 @@ CostFn = Callable[[np.ndarray], float]
 
 @dataclass
 class Trial:
-    """One plan the loop tried: its widths, its latency (measured, or predicted when nothing can be
-    measured), the solve that produced it, and its row for report.loop."""
+    """One plan the loop tried: its widths, its latency (measured, normalised for host drift past
+    the tolerance, or predicted when nothing can be measured), the solve that produced it, and its
+    row for report.loop."""
 
     keep: dict[str, int]
     latency_ms: float
@@ -43,12 +47,13 @@ def in_band(latency_ms: float, budget_ms: float) -> bool:
 
 def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
                     solve: Callable[[CostFn, float], Allocation],
-                    measure: Callable[[dict[str, int], int], float] | None, max_iterations: int,
+                    measure: Callable[[dict[str, int], int], float | Reading] | None, max_iterations: int,
                     describe: Callable[[np.ndarray], dict[str, Any]] | None = None,
                     on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[Trial]:
     """Iterate solve -> measure -> correct. `solve(cost_fn, target_ms)` allocates against a cost
-    function; `measure(keep, iteration)` builds and times a plan on the target (None: nothing can be
-    measured here, so one predicted plan is returned); `describe(keep_vector)` adds fields (MACs)
+    function; `measure(keep, iteration)` builds and times a plan on the target, as milliseconds or
+    as a `Reading` with the host's drift (None: nothing can be measured here, so one predicted plan
+    is returned); `describe(keep_vector)` adds fields (MACs)
     to each report row; `on_iteration(row)` sees each row when it is complete (progress output).
     `order` is the group order of the model's keep vectors."""
     corrected = CorrectedLatency(model)
@@ -74,11 +79,18 @@ def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
             if on_iteration:
                 on_iteration(entry)
             break
-        measured = measure(allocation.keep, iteration)
-        corrected.correct(keep_vec, measured)  # the next solve sees the model moved by this miss
-        entry.update({"measured_latency_ms": measured, "error_pct": 100.0 * (predicted - measured) / measured,
-                      "in_band": in_band(measured, budget_ms)})
-        trials.append(Trial(allocation.keep, measured, allocation, entry))
+        reading = measure(allocation.keep, iteration)
+        if not isinstance(reading, Reading):
+            reading = Reading(float(reading))
+        latency = reading.normalised_ms  # as measured unless the host drifted past the tolerance
+        corrected.correct(keep_vec, latency)  # the next solve sees the model moved by this miss
+        entry.update({"measured_latency_ms": reading.latency_ms, "error_pct": 100.0 * (predicted - latency) / latency,
+                      "in_band": in_band(latency, budget_ms)})
+        if reading.host_drift is not None:
+            entry["host_drift"] = reading.host_drift
+        if reading.drifted:
+            entry.update({"normalised_latency_ms": latency, "note": reading.describe()})
+        trials.append(Trial(allocation.keep, latency, allocation, entry))
         if on_iteration:
             on_iteration(entry)
     return trials

@@ -29,6 +29,7 @@ from compressor.console import StageConsole
 from compressor.cost_model import CostModel
 from compressor.data import DataSplits, load_data
 from compressor.groups import PrunableGroup, discover_groups
+from compressor.host_drift import DriftProbe, Reading
 from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
 from compressor.errors import BadInput
@@ -162,6 +163,26 @@ def measure_onnx(ctx: JobContext, onnx_path: Path, label: str) -> Measurement:
 def export_and_measure(ctx: JobContext, model: torch.nn.Module, path: Path, label: str) -> Measurement:
     export_for_target(ctx.backend, model, ctx.example_input, path)
     return measure_onnx(ctx, path, label)
+
+
+def baseline_drift_probe(ctx: JobContext, baseline_path: Path, baseline_ms: float) -> DriftProbe:
+    """Re-times the baseline after each loop reading and the final one (see compressor.host_drift)."""
+    return DriftProbe(ctx.backend, baseline_path, (ctx.batch_size, *ctx.input_shape), baseline_ms,
+                      warmup=ctx.warmup, iterations=ctx.iterations, max_cv=ctx.profile.max_cv)
+
+
+def check_drift(ctx: JobContext, probe: DriftProbe | None, latency_ms: float, label: str) -> Reading:
+    """`latency_ms`, just measured, with the host's drift checked right after it (when there is a probe)."""
+    if probe is None:
+        return Reading(latency_ms)
+    started = time.perf_counter()
+    reading = probe.reading(latency_ms)
+    ctx.timings["measure"] += time.perf_counter() - started
+    log.info("host drift after %s: %.3f", label, reading.host_drift)
+    if reading.drifted:
+        ctx.console.warn(f"{label}: the baseline re-timed {reading.host_drift - 1:+.0%} against its first reading; "
+                         f"the host is busy or its clocks moved")
+    return reading
 
 
 @dataclass
@@ -374,12 +395,13 @@ def predicted_label(model: LatencyModel) -> str:
 
 
 def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, ranking: ChannelRanking, budget_ms: float,
-                   workdir: Path, latency_model: LatencyModel) -> SearchResult:
+                   workdir: Path, latency_model: LatencyModel, probe: DriftProbe | None = None) -> SearchResult:
     """The closed loop for a latency budget: solve on the latency model, prune, build, measure, correct.
 
     Each iteration solves against the model corrected by the last measurement (CorrectedLatency),
     so a miss moves the next plan by the measured error. Predicted-only jobs (no device here) stop
-    after the first solve: there is nothing to measure.
+    after the first solve: there is nothing to measure. `probe` re-times the baseline after each
+    plan, so a reading taken while the host was busy is normalised before it corrects the model.
     """
     alignment = latency_model.grids_for_solver(ctx.grid.per_group(groups))
     min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, alignment)
@@ -408,15 +430,17 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
     def solve(cost_fn, target_ms: float) -> Allocation:
         return _solve(ctx, groups, importance, cost_fn, target_ms, min_keep, alignment=alignment)
 
-    def measure(keep: dict[str, int], iteration: int) -> float:
+    def measure(keep: dict[str, int], iteration: int) -> Reading:
         pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(keep, refine=False))
-        return export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx",
-                                  f"iteration {iteration}").latency.median_ms
+        measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx", f"iteration {iteration}")
+        return check_drift(ctx, probe, measured.latency.median_ms, f"iteration {iteration}")
 
     def show(entry: dict) -> None:
         if entry["measured_latency_ms"] is not None:
+            normalised = (f", {entry['normalised_latency_ms']:.4g} ms at the baseline's host speed"
+                          if "normalised_latency_ms" in entry else "")
             ctx.console.info(f"  iteration {entry['iteration']}: predicted {entry['predicted_latency_ms']:.4g} ms, "
-                             f"measured {entry['measured_latency_ms']:.4g} ms (budget {budget_ms:.4g} ms)")
+                             f"measured {entry['measured_latency_ms']:.4g} ms{normalised} (budget {budget_ms:.4g} ms)")
 
     trials = run_closed_loop(latency_model, budget_ms, cost_model.group_names, solve,
                              None if ctx.predicted_only else measure, ctx.config.max_iterations,
@@ -450,12 +474,13 @@ def search_static(ctx: JobContext, groups, cost_model: CostModel, importance, ki
 SIDECAR = "model.sidecar.json"
 
 
-def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path,
-                                  budget_ms: float | None = None) -> tuple[str | None, Measurement | None]:
+def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path, budget_ms: float | None = None,
+                                  probe: DriftProbe | None = None) -> tuple[str | None, Measurement | None]:
     """Build the engine where the backend builds one, and measure what will be deployed.
 
     Returns (engine file name relative to the run folder or None, measurement or None when
-    this host only predicts)."""
+    this host only predicts). With a `probe`, the host's drift while it was measured is in
+    the measurement's telemetry (`host_drift`); the reading itself stays as measured."""
     if ctx.backend is None:
         return None, None
     built: Path | None = None
@@ -475,6 +500,9 @@ def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path,
                                                                           "budget_ms": budget_ms}}
             ctx.console.warn(f"the compressed model read {first_ms:.4g} ms, over the {budget_ms:.4g} ms budget its "
                              f"plan was measured within; re-taken once: {measured.latency.median_ms:.4g} ms")
+        if probe is not None:
+            drift = check_drift(ctx, probe, measured.latency.median_ms, "compressed").host_drift
+            measured.telemetry = {**measured.telemetry, "host_drift": drift}
     return (built.name if built else None), measured
 
 
@@ -539,6 +567,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     base_macs, base_params = cost_model.macs(full), cost_model.params(full)
     latency_model: LatencyModel | None = None
     latency_info: dict | None = None
+    probe: DriftProbe | None = None
     if ctx.predicted_only:  # no device: the given table stands in for every latency, labelled
         latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
         baseline_measurement = None
@@ -553,6 +582,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
             baseline_measurement = export_and_measure(ctx, model, workdir / "baseline.onnx", "baseline")
         baseline_ms = baseline_measurement.latency.median_ms
         baseline = model_summary(baseline_measurement, base_macs, base_params, baseline_accuracy)
+        probe = baseline_drift_probe(ctx, workdir / "baseline.onnx", baseline_ms)
     console.info(f"baseline: {baseline_ms:.4g} ms median, {base_macs / 1e6:.4g}M MACs, "
                  f"{base_params / 1e6:.4g}M params, accuracy {baseline_accuracy:.2%}")
 
@@ -605,7 +635,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
             if budget_kind == "latency_ms":
                 with console.stage("searching for a plan that fits the budget on the target"):
                     search = search_latency(ctx, groups, cost_model, importance_scores, ranking, budget_value,
-                                            workdir, latency_model)
+                                            workdir, latency_model, probe)
             else:
                 search = search_static(ctx, groups, cost_model, importance_scores, budget_kind, budget_value)
         ctx.run.save_stage("search", {"keep": search.keep, "loop": search.loop, "feasible": search.feasible,
@@ -659,7 +689,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
         raise RuntimeError(f"ONNX parity check failed: max abs diff {parity.max_abs_diff:.3g} "
                            f"(atol {PARITY_ATOL}, rtol {PARITY_RTOL})")
     engine, final_measurement = build_and_measure_deliverable(
-        ctx, onnx_path, budget_value if budget_kind == "latency_ms" and search.loop else None)
+        ctx, onnx_path, budget_value if budget_kind == "latency_ms" and search.loop else None, probe)
     accuracy = onnx_accuracy(ctx, onnx_path)
     weights = save_pruned(pruned, plan, out, model_spec=config.model, num_classes=data.num_classes,
                           in_channels=data.in_channels, input_shape=list(ctx.input_shape))
@@ -673,13 +703,20 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     final_cost = {"latency_ms": final_ms, "flops": cost_model.macs(keep_vec),
                   "params": cost_model.params(keep_vec)}[budget_kind]
     met = final_cost is not None and final_cost <= budget_value * (1 + 1e-9)
+    final_drift = final_measurement.telemetry.get("host_drift") if final_measurement is not None else None
     if budget_kind == "latency_ms" and search.loop:
         search.loop.append({"iteration": "final", "predicted_latency_ms": None if final_measurement else final_ms,
                             "measured_latency_ms": final_ms if final_measurement else None,
+                            **({"host_drift": final_drift} if final_drift is not None else {}),
                             "macs": cost_model.macs(keep_vec), "note": "the delivered model.onnx, fine-tuned"})
     word = "predicted" if final_measurement is None and budget_kind == "latency_ms" else "measured"
     if not met:
         notes.append(f"budget not met: {word} {final_cost:.4g} > {budget_value:.4g} {budget_kind}")
+    if final_drift is not None and Reading(final_ms, final_drift).drifted and budget_kind == "latency_ms":
+        notes.append(f"the baseline re-timed {final_drift - 1:+.0%} against its first reading right after the "
+                     f"delivered model was measured: the host was busy or its clocks moved, and the verdict uses "
+                     f"the reading as measured; re-measure on a quiet host (compress measure model.onnx "
+                     f"--target {ctx.profile.name})")
     if ctx.predicted_only:
         notes.append(f"latencies are {predicted_label(latency_model) if latency_model else 'not measured'}; "
                      f"nothing was measured on {ctx.profile.name}. Measure before deploying: "

@@ -163,12 +163,17 @@ def render_markdown(report: dict) -> str:
         def ms(value) -> str:
             return "" if value is None else f"{value:.4g}"
 
-        lines += ["", "## Closed loop", "", "| iteration | predicted ms | measured ms | error | MACs |",
-                  "|---|---:|---:|---:|---:|"]
+        # host drift: the baseline re-timed right after the reading, over its first reading (1.00 = steady host)
+        lines += ["", "## Closed loop", "",
+                  "| iteration | predicted ms | measured ms | host drift | error | MACs |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for it in report["loop"]:
-            error = it.get("error_pct")
-            lines.append(f"| {it['iteration']} | {ms(it.get('predicted_latency_ms'))} | "
-                         f"{ms(it.get('measured_latency_ms'))} | {'' if error is None else f'{error:+.1f}%'} | "
+            error, drift = it.get("error_pct"), it.get("host_drift")
+            measured = ms(it.get("measured_latency_ms"))
+            if it.get("normalised_latency_ms") is not None:
+                measured += f" (normalised {ms(it['normalised_latency_ms'])})"
+            lines.append(f"| {it['iteration']} | {ms(it.get('predicted_latency_ms'))} | {measured} | "
+                         f"{'' if drift is None else f'{drift:.2f}'} | {'' if error is None else f'{error:+.1f}%'} | "
                          f"{_mega(it.get('macs'))} |")
     model = report.get("latency_model")
     if model:

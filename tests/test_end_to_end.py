@@ -119,6 +119,12 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     solved = [it for it in report["loop"] if isinstance(it["iteration"], int) and it["iteration"] > 0]
     assert 1 <= len(solved) <= 4
     assert all(it["predicted_latency_ms"] > 0 and it["measured_latency_ms"] > 0 for it in solved)
+    # The baseline was re-timed after every plan and after the deliverable (host drift, ~1 on a steady host).
+    final = report["loop"][-1]
+    assert final["iteration"] == "final" and final["host_drift"] > 0
+    assert all(it["host_drift"] > 0 for it in solved)
+    assert report["environment"]["telemetry"]["compressed"]["host_drift"] == final["host_drift"]
+    assert "host drift" in (out / "report.md").read_text()
     # The sidecar describes the measured deliverable.
     sidecar = json.loads((out / "model.sidecar.json").read_text())
     assert sidecar["backend"]["name"] == "onnxruntime-cpu" and sidecar["latency_ms"]["measured"] is True

@@ -159,6 +159,11 @@ class Backend(abc.ABC):
     def create_runner(self, onnx_path: str | os.PathLike) -> Runner:
         """Load `onnx_path` ready to run; BadInput if the file is missing or not a model."""
 
+    def runner_at(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]) -> Runner:
+        """A runner ready to time at `input_shape`, for callers that keep one open across several
+        timings (`time_runner`). Backends that compile for a shape (TensorRT) build at it."""
+        return self.create_runner(onnx_path)
+
     def profile_layers(
         self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...], *, warmup: int = 10, runs: int = 50
     ) -> LayerProfile | None:

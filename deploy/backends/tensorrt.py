@@ -708,6 +708,9 @@ class TensorRTBackend(Backend):
         `input_shape`, else at the shape being measured, else the model's shape with batch 1)."""
         return self._runner_from(Path(onnx_path), tuple(input_shape) if input_shape else None)
 
+    def runner_at(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]) -> TrtRunner:
+        return self.create_runner(onnx_path, _positive_shape(input_shape))
+
     @contextlib.contextmanager
     def _building_at(self, shape: tuple[int, ...]) -> Iterator[None]:
         previous, self._measure_shape = self._measure_shape, shape

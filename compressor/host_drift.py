@@ -1,0 +1,86 @@
+"""Host drift: was the device as fast during a reading as when the baseline was timed?
+
+On a shared host (a CI runner, a workstation running other jobs) another process can slow every
+measurement by 10-50 % for a while. A plan timed in such a window tells the closed loop that the
+latency model is that much too optimistic, and the next plan is cut far below the budget: the peer
+bench once met a 50 % budget at 28 % of the baseline that way (bench/peers/findings.md).
+
+So the loop re-times the dense baseline right after each plan. `host_drift` is that time over the
+baseline's own reading at the start of the job: 1.0 on a steady host, 1.3 when everything runs
+30 % slower. Past `DRIFT_TOLERANCE` the plan's reading is divided by the drift before it corrects
+the latency model or decides the acceptance band; the report keeps both numbers. The delivered
+model's final reading is never normalised: the verdict is what was measured, and the report says
+when the host drifted while it was taken.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy.backends.base import Backend, check_input_shape, fixed_input
+
+# A steady host repeats a median within 1-2 % (ONNX Runtime, one thread, 2-core VM); 5 % is past
+# that noise, and below the 10 % guard band of the loop's acceptance window.
+DRIFT_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A plan's measured latency and the host's drift when it was taken (None: not checked)."""
+
+    latency_ms: float
+    host_drift: float | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return self.host_drift is not None and abs(self.host_drift - 1.0) > DRIFT_TOLERANCE
+
+    @property
+    def normalised_ms(self) -> float:
+        """The reading the host would have given at the baseline's speed: divided by the drift
+        when it is past the tolerance, as measured otherwise."""
+        return self.latency_ms / self.host_drift if self.drifted else self.latency_ms
+
+    def describe(self) -> str:
+        """One line for the report when the reading was normalised; empty otherwise."""
+        if not self.drifted:
+            return ""
+        return (f"the host ran {self.host_drift - 1:+.0%} against the baseline's timing while this plan was "
+                f"measured ({self.latency_ms:.4g} ms); the loop used {self.normalised_ms:.4g} ms")
+
+
+class DriftProbe:
+    """Re-times the job's baseline model on the target, on one runner kept open for the whole job
+    (TensorRT builds its engine once, on the first check)."""
+
+    def __init__(self, backend: Backend, model_path: str | os.PathLike, input_shape: tuple[int, ...],
+                 reference_ms: float, *, warmup: int, iterations: int, max_cv: float):
+        if not reference_ms > 0:
+            raise ValueError(f"the baseline reading must be positive, got {reference_ms!r}")
+        self.backend, self.model_path = backend, Path(model_path)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.reference_ms = float(reference_ms)
+        self.warmup, self.iterations, self.max_cv = warmup, iterations, max_cv
+        self._runner: Any = None
+        self.checks: list[float] = []  # every drift seen, in order
+
+    def _open(self) -> Any:
+        if self._runner is None:
+            runner = self.backend.runner_at(self.model_path, self.input_shape)
+            check_input_shape(runner.input_shape, self.input_shape, what=self.model_path.name)
+            self._runner = runner
+        return self._runner
+
+    def drift(self) -> float:
+        """The baseline's median now over its median at the start of the job."""
+        stats, _ = self.backend.time_runner(self._open(), fixed_input(self.input_shape), warmup=self.warmup,
+                                            iterations=self.iterations, max_cv=self.max_cv, retries=1)
+        drift = stats.median_ms / self.reference_ms
+        self.checks.append(drift)
+        return drift
+
+    def reading(self, latency_ms: float) -> Reading:
+        """`latency_ms`, just measured, with the drift checked right after it."""
+        return Reading(float(latency_ms), self.drift())

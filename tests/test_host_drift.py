@@ -1,0 +1,184 @@
+"""Host drift: the baseline re-timed after each reading, and what the closed loop does with it.
+
+The "busy host" is a real ONNX Runtime runner that also sleeps a fixed time per call, longer while
+the host is meant to be busy, so the probe measures a real slowdown (no timings are invented)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor.allocation import solve_allocation
+from compressor.closed_loop import in_band, run_closed_loop
+from compressor.host_drift import DRIFT_TOLERANCE, DriftProbe, Reading
+from compressor.latency_table import WholeNetworkModel
+from deploy.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from deploy.onnx_export import export_onnx
+
+SHAPE = (1, 3, 8, 8)
+QUIET_SLEEP_S, BUSY_SLEEP_S = 0.001, 0.003
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    return export_onnx(model, torch.randn(*SHAPE), tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+class _Host:
+    """Whether the machine is busy: every run on it takes BUSY_SLEEP_S instead of QUIET_SLEEP_S more."""
+
+    busy = False
+
+
+class _SharedHostRunner:
+    def __init__(self, inner, host: _Host):
+        self.inner, self.host = inner, host
+        self.input_name, self.output_names = inner.input_name, inner.output_names
+        self.input_shape, self.settings = inner.input_shape, inner.settings
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self.inner.run(x)
+        time.sleep(BUSY_SLEEP_S if self.host.busy else QUIET_SLEEP_S)
+        return out
+
+
+class _SharedHostOrt(OnnxRuntimeCPU):
+    def __init__(self, host: _Host):
+        super().__init__(intra_op_threads=1)
+        self.host, self.opened = host, 0
+
+    def create_runner(self, onnx_path):
+        self.opened += 1
+        return _SharedHostRunner(super().create_runner(onnx_path), self.host)
+
+
+def _probe(backend, onnx_path: Path) -> DriftProbe:
+    reference = backend.measure(onnx_path, SHAPE, warmup=2, iterations=15).latency.median_ms
+    return DriftProbe(backend, onnx_path, SHAPE, reference, warmup=2, iterations=15, max_cv=0.1)
+
+
+def test_reading_normalises_only_past_the_tolerance():
+    steady = Reading(2.0, 1.0 + DRIFT_TOLERANCE / 2)
+    assert not steady.drifted and steady.normalised_ms == 2.0 and steady.describe() == ""
+    busy = Reading(2.6, 1.3)
+    assert busy.drifted and busy.normalised_ms == pytest.approx(2.0)
+    assert "+30%" in busy.describe() and "2.6 ms" in busy.describe()
+    faster = Reading(1.6, 0.8)  # the baseline itself was timed while the host was busy
+    assert faster.drifted and faster.normalised_ms == pytest.approx(2.0)
+    unchecked = Reading(2.0)
+    assert unchecked.host_drift is None and not unchecked.drifted and unchecked.normalised_ms == 2.0
+
+
+def test_probe_sees_a_busy_host_on_one_open_runner(tiny_onnx):
+    host = _Host()
+    backend = _SharedHostOrt(host)
+    probe = _probe(backend, tiny_onnx)
+    quiet = probe.drift()
+    host.busy = True
+    busy = probe.reading(5.0)
+    assert abs(quiet - 1.0) < 0.3  # same runner, same host: near 1 (sleep jitter only)
+    assert busy.host_drift > 2.0 and busy.drifted  # 3 ms of sleep per run instead of 1
+    assert busy.normalised_ms == pytest.approx(5.0 / busy.host_drift)
+    assert backend.opened == 2  # one runner for the reference measurement, one kept by the probe
+    assert probe.checks == [quiet, busy.host_drift]
+
+
+def test_probe_needs_a_positive_reference(tiny_onnx):
+    with pytest.raises(ValueError, match="positive"):
+        DriftProbe(OnnxRuntimeCPU(), tiny_onnx, SHAPE, 0.0, warmup=1, iterations=1, max_cv=0.1)
+
+
+NAMES, CHANNELS = ["a", "b", "c"], [32, 64, 128]
+
+
+def _model() -> WholeNetworkModel:
+    q = np.zeros((3, 3))
+    q[0, 1] = q[1, 2] = 1.0
+    form = {"c0": 0.0, "a": np.zeros(3), "q": q}
+    return WholeNetworkModel(NAMES, CHANNELS, [0.01, 1e-4, 0.0], form, {"c0": 0.0, "a": np.zeros(3), "q": q * 0})
+
+
+def _solve(cost_fn, target):
+    return solve_allocation(NAMES, CHANNELS, [1.0, 1.0, 1.0], [True] * 3, cost_fn, target, min_keep_ratio=0.1,
+                            utility="log")
+
+
+def _loop(model, budget, as_reading: bool):
+    """The device matches the model exactly, but the host is 40 % slower during the first reading."""
+    calls = []
+
+    def measure(keep, iteration):
+        true_ms = model.predict(np.array([keep[n] for n in NAMES], dtype=float))
+        drift = 1.4 if iteration == 1 else 1.0
+        calls.append(iteration)
+        return Reading(drift * true_ms, drift) if as_reading else drift * true_ms
+
+    return run_closed_loop(model, budget, NAMES, _solve, measure, max_iterations=4), calls
+
+
+def test_the_loop_normalises_a_reading_taken_on_a_busy_host():
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+    trials, calls = _loop(model, budget, as_reading=True)
+    # The first plan was right; the busy host only made it read slow. Normalised, it is accepted.
+    assert calls == [1] and len(trials) == 1
+    entry = trials[0].entry
+    assert entry["host_drift"] == 1.4 and entry["in_band"]
+    assert entry["normalised_latency_ms"] == pytest.approx(entry["measured_latency_ms"] / 1.4)
+    assert trials[0].latency_ms == entry["normalised_latency_ms"] and "+40%" in entry["note"]
+    assert entry["error_pct"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_without_the_drift_the_same_reading_sends_the_loop_below_the_budget():
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+    trials, calls = _loop(model, budget, as_reading=False)
+    first = trials[0]
+    assert "host_drift" not in first.entry and not in_band(first.latency_ms, budget)
+    assert len(calls) >= 2  # it re-solved against a model corrected by the busy reading...
+    true_ms = model.predict(np.array([trials[1].keep[n] for n in NAMES], dtype=float))
+    assert true_ms < 0.8 * budget  # ...and cut the next plan ~30 % below the budget on a quiet device
+
+
+def test_the_final_reading_records_drift_but_stays_as_measured(tiny_onnx):
+    from types import SimpleNamespace
+
+    from compressor.console import StageConsole
+    from compressor.pipeline import build_and_measure_deliverable
+    from deploy.profiles import load_profile
+
+    host = _Host()
+    backend = _SharedHostOrt(host)
+    probe = _probe(backend, tiny_onnx)
+    host.busy = True
+    ctx = SimpleNamespace(backend=backend, batch_size=1, input_shape=SHAPE[1:], warmup=2, iterations=15,
+                          profile=load_profile("cpu"), console=StageConsole(quiet=True), timings={"measure": 0.0})
+    _, m = build_and_measure_deliverable(ctx, tiny_onnx, budget_ms=None, probe=probe)
+    assert m.telemetry["host_drift"] > 2.0
+    assert m.latency.median_ms > BUSY_SLEEP_S * 1e3  # the verdict's reading is the busy one, not normalised
+    assert ctx.timings["measure"] > 0
+
+
+def test_runner_at_builds_tensorrt_at_the_shape_asked_for(tiny_onnx):
+    from deploy.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend()
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def engine_bytes(path, shape):
+        seen.append(shape)
+        raise Built
+
+    backend._engine_bytes = engine_bytes  # stop where TensorRT itself would start
+    with pytest.raises(Built):
+        backend.runner_at(tiny_onnx, (4, 3, 8, 8))
+    assert seen == [(4, 3, 8, 8)]
