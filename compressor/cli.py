@@ -132,27 +132,37 @@ def cli(ctx: click.Context, config_path: Path, quiet: bool, as_json: bool, debug
 
 @cli.command(help="""Train a model on a data set and save its state_dict.
 
+The recipe: SGD with Nesterov momentum, a linear learning-rate warm-up then cosine decay, and
+random-crop augmentation.
+
 \b
-Example:
+Examples:
   compress train --model resnet20 --data digits --epochs 10 --out weights/resnet20-digits.pt
+  compress train --model resnet56 --data shapes --epochs 12 --zero-init-residual --out weights/r56.pt
 """)
 @click.option("--model", required=True, help="zoo name | file.py:factory | pkg.module:factory")
 @click.option("--data", required=True, help="digits | shapes | imagefolder:DIR | file.py:factory")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="weights file to write")
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="peak learning rate (cosine decay after warm-up)")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="linear learning-rate warm-up, in epochs (at most half the run)")
+@click.option("--zero-init-residual", is_flag=True,
+              help="start every residual block as the identity (last BN scale 0): for deep ResNets that stall "
+                   "at chance (ResNet-56 on shapes, 12 epochs: 84%% against 56%%); slows short runs of shallow ones")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--input-size", help="resize the data to N or HxW")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="overwrite an existing weights file")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def train(model: str, data: str, epochs: int, out: Path, lr: float, batch_size: int, input_size: str | None,
-          seed: int, force: bool, quiet: bool, as_json: bool) -> None:
+def train(model: str, data: str, epochs: int, out: Path, lr: float, warmup_epochs: float, zero_init_residual: bool,
+          batch_size: int, input_size: str | None, seed: int, force: bool, quiet: bool, as_json: bool) -> None:
     from compressor.console import StageConsole
     from compressor.data import load_data
     from compressor.job_config import parse_input_size
     from compressor.model_loading import build_model, check_input_shape, save_weights
+    from compressor.models.initialisation import zero_init_residuals_
     from compressor.training import evaluate, train as train_model
 
     if out.exists() and not force:
@@ -161,13 +171,16 @@ def train(model: str, data: str, epochs: int, out: Path, lr: float, batch_size: 
     splits = load_data(data, input_size=parse_input_size(input_size), seed=seed)
     net = build_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     check_input_shape(net, (splits.in_channels, *splits.input_size))
-    console.info(f"training {model} on {splits.describe()}")
+    zeroed = zero_init_residuals_(net) if zero_init_residual else 0
+    console.info(f"training {model} on {splits.describe()}"
+                 + (f"; {zeroed} residual blocks start as the identity" if zeroed else ""))
     with console.stage("training", total=epochs) as advance:
         result = train_model(net, splits, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                             progress=lambda done, total, info: advance(1, f"val {info['val_accuracy']:.2%}"))
+                             warmup_epochs=warmup_epochs, progress=lambda done, total, info: advance(1, f"val {info['val_accuracy']:.2%}"))
     accuracy = evaluate(net, splits.val_x, splits.val_y)
     save_weights(net, out)
-    summary = {"weights": str(out), "model": model, "data": data, "epochs": epochs, "val_accuracy": accuracy,
+    summary = {"weights": str(out), "model": model, "data": data, "epochs": epochs, "lr": lr,
+               "warmup_epochs": warmup_epochs, "zero_init_residual_blocks": zeroed, "val_accuracy": accuracy,
                "history": result.history}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -114,3 +114,18 @@ def test_onnx_export_matches_torch(name, size):
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet20", 9), ("resnet56", 27), ("resnet50", 16), ("mobilenetv2", 0)])
+def test_zero_init_residuals_start_every_block_as_the_identity(name, blocks):
+    from compressor.models.initialisation import zero_init_residuals_
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=3).eval()
+    assert zero_init_residuals_(model) == blocks
+    for block in (m for m in model.modules() if hasattr(m, "residual_norm")):
+        assert torch.count_nonzero(block.residual_norm().weight) == 0
+        x = torch.relu(torch.randn(2, block.conv1.in_channels, 8, 8))
+        shortcut = x if block.downsample is None else block.downsample(x)
+        # the residual branch adds only its BN bias (zero at init): the block passes its shortcut on
+        assert torch.allclose(block(x), torch.relu(shortcut))

@@ -177,3 +177,64 @@ def test_bad_training_settings():
         finetune_with_distillation(fresh(), fresh(), data, epochs=1, alpha=1.5)
     with pytest.raises(BadInput):
         finetune_with_distillation(fresh(), fresh(), data, epochs=1, temperature=0.0)
+
+
+def _lrs(total: int, warmup: int, lr: float = 0.1) -> list[float]:
+    from compressor.training import _schedule
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, seen = _schedule(opt, total, warmup), []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
+def test_warmup_rises_linearly_then_decays_by_cosine():
+    from compressor.training import WARMUP_START
+
+    lrs = _lrs(total=100, warmup=10)
+    assert lrs[0] == pytest.approx(0.1 * WARMUP_START)
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:11]))  # rising through the warm-up
+    assert lrs[10] == pytest.approx(0.1)  # the peak, then the cosine over the remaining 90 steps
+    assert lrs[55] == pytest.approx(0.05, rel=0.02)
+    assert all(b < a for a, b in zip(lrs[10:-1], lrs[11:]))
+    assert _lrs(total=10, warmup=50).index(max(_lrs(total=10, warmup=50))) == 5  # capped at half the run
+
+
+def test_no_warmup_is_the_plain_cosine_schedule():
+    """warmup_epochs=0 is the schedule the benchmark's committed base models were trained with."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    cosine, plain = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40), []
+    for _ in range(40):
+        plain.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert _lrs(total=40, warmup=0) == plain
+
+
+def test_warmup_epochs_are_validated_and_recorded_per_epoch():
+    data = make_data(n_train=64, n_val=16)
+    with pytest.raises(BadInput, match="warm-up"):
+        train(fresh(), data, epochs=2, warmup_epochs=-1)
+    history = train(fresh(), data, epochs=4, lr=0.05, batch_size=32, warmup_epochs=1).history
+    assert history[0]["lr"] == pytest.approx(0.05, rel=0.05)  # the end of the warm-up epoch is the peak
+    assert history[-1]["lr"] < 0.01
+
+
+@pytest.mark.parametrize("flag, blocks", [([], 0), (["--zero-init-residual"], 9)])
+def test_compress_train_records_its_recipe(tmp_path, capsys, flag, blocks):
+    import json
+
+    from compressor.cli import main
+
+    out = tmp_path / "w.pt"
+    code = main(["train", "--model", "resnet20", "--data", "digits", "--epochs", "2", "--out", str(out),
+                 "--json", *flag])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and out.exists()
+    assert summary["zero_init_residual_blocks"] == blocks and summary["warmup_epochs"] == 1.0
+    assert summary["history"][0]["lr"] == pytest.approx(0.05, rel=0.05)  # warm-up ends with the first epoch
+    if not blocks:
+        assert summary["val_accuracy"] > 0.5  # zero-scale blocks wake slowly: 2 epochs are too few for them

@@ -38,6 +38,10 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(out_planes),
             )
 
+    def residual_norm(self) -> nn.BatchNorm2d:
+        """The BatchNorm that ends the residual branch (see `zero_init_residuals_`)."""
+        return self.bn3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
