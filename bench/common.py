@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,41 @@ WORK = REPO / "runs" / "bench"   # ignored by git: weights and run folders
 DEFAULT_TRAIN_LR = 0.05
 
 
-def lr_tag(lr: float) -> str:
-    """The learning rate's part of a cache name: empty at the default (those names predate the lr)."""
-    return "" if lr == DEFAULT_TRAIN_LR else f"-lr{lr:g}"
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a bench network is trained from scratch. The defaults are the recipe the first cached
+    weights were trained with (no warm-up, every BN scale at 1), so their file names stay valid."""
+
+    lr: float = DEFAULT_TRAIN_LR
+    warmup_epochs: float = 0.0
+    zero_init_residual: bool = False
+
+    def tag(self) -> str:
+        """This recipe's part of a cache or row name: empty at the defaults (those names predate it)."""
+        return ("" if self.lr == DEFAULT_TRAIN_LR else f"-lr{self.lr:g}") + \
+            (f"-wu{self.warmup_epochs:g}" if self.warmup_epochs else "") + ("-zi" if self.zero_init_residual else "")
 
 
-def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0, lr: float = DEFAULT_TRAIN_LR) -> Path:
+def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0,
+                    recipe: TrainRecipe = TrainRecipe()) -> Path:
     """Train ``model`` on ``data`` once and reuse the state_dict on later bench runs."""
     import torch
 
     from compressor.data import load_data
     from compressor.model_loading import build_model, save_weights
+    from compressor.models.initialisation import zero_init_residuals_
     from compressor.training import evaluate, train
 
-    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}{lr_tag(lr)}.pt"
+    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}{recipe.tag()}.pt"
     if path.exists():
         return path
     torch.manual_seed(seed)
     splits = load_data(data, seed=seed)
     net = build_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+    if recipe.zero_init_residual:
+        zero_init_residuals_(net)
     started = time.perf_counter()
-    train(net, splits, epochs=epochs, lr=lr, seed=seed)
+    train(net, splits, epochs=epochs, lr=recipe.lr, seed=seed, warmup_epochs=recipe.warmup_epochs)
     print(f"trained {model} on {data} for {epochs} epochs in {time.perf_counter() - started:.0f} s: "
           f"val accuracy {evaluate(net, splits.val_x, splits.val_y):.2%}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -219,3 +219,16 @@ def test_methods_are_compared_on_the_seeds_they_all_have(tmp_path):
     by_method = {s["method"]: s for s in payload["rows"]}
     assert by_method["uniform-l1"]["seeds"] == [0] and by_method["uniform-l1"]["accuracy_mean"] == pytest.approx(0.90)
     assert "wait outside the tables" in (tmp_path / "README.md").read_text()
+
+
+def test_train_recipe_names_keep_the_old_cache_names_and_set_resnet56_shapes_apart():
+    from bench.common import TrainRecipe
+    from bench.peers import grid as grids
+
+    assert TrainRecipe().tag() == "" and TrainRecipe(lr=0.02).tag() == "-lr0.02"
+    assert grids.train_recipe("resnet20", "shapes") == TrainRecipe()
+    r56 = grids.train_recipe("resnet56", "shapes")
+    assert r56.zero_init_residual and r56.warmup_epochs == 1 and r56.tag() == "-wu1-zi"
+    assert grids.row_path("uniform-l1", "resnet56", "shapes", 0.5, 0).name.endswith("-tr12-wu1-zi.json")
+    assert grids.row_path("uniform-l1", "resnet56", "digits", 0.5, 0).name.endswith("-tr8-lr0.02.json")
+    assert grids.row_path("uniform-l1", "resnet20", "shapes", 0.5, 0).name.endswith("-tr12.json")

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import RESULTS
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "seeds": full.seeds, "methods": full.methods, "target": grids.TARGET},
                   expected_rows=full.size(), command=command,
                   recipe={"finetune_epochs": grids.FINETUNE_EPOCHS, "train_epochs": grids.TRAIN_EPOCHS,
-                          "train_lr": grids.TRAIN_LR, "train_lr_by_model": grids.TRAIN_LR_BY_MODEL,
+                          "train": asdict(grids.TRAIN_RECIPE),
+                          "train_by_cell": {f"{m}/{d}": asdict(r) for (m, d), r in grids.TRAIN_RECIPE_BY_CELL.items()},
                           "compressor_shapley": {"evaluations_per_group": grids.SHAPLEY_EVALUATIONS,
                                                  "max_channels": grids.SHAPLEY_MAX_CHANNELS}},
                   findings=None if args.quick or not FINDINGS.exists() else FINDINGS.read_text())
