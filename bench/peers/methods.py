@@ -205,15 +205,21 @@ def _compress_job(cell: Cell, budget_ms: float, clock: StageClock, *, importance
     clock.seconds["other"] = clock.seconds.get("other", 0.0) + max(0.0, wall - sum(timings.values()))
     loop = [e for e in report["loop"] if e.get("iteration") != "final"]
     measured = sum(1 for e in loop if e.get("measured_latency_ms") is not None)
+    drift_checks = sum(1 for e in report["loop"] if e.get("host_drift") is not None)  # the baseline re-timed
     table_info = report.get("latency_model") or {}
     # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
-    extra = 2 + measured + int(table_info.get("provenance", {}).get("variants", 0))
+    extra = 2 + measured + drift_checks + int(table_info.get("provenance", {}).get("variants", 0))
     probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
-               "latency_ms": e.get("measured_latency_ms")} for e in loop]
+               "latency_ms": e.get("measured_latency_ms"),
+               **({"host_drift": e["host_drift"]} if "host_drift" in e else {}),
+               **({"normalised_ms": e["normalised_latency_ms"]} if "normalised_latency_ms" in e else {})}
+              for e in loop]
     if report["artifacts"].get("plan") is None:
         return Pruned(None, None, notes=report.get("notes", []), probes=probes, extra_measurements=extra)
     model = load_pruned_model(Path(out) / report["artifacts"]["plan"]).eval()
-    chosen = [e["measured_latency_ms"] for e in loop if e.get("measured_latency_ms") is not None]
+    # what the loop chose by: the reading, normalised where the host had drifted
+    chosen = [e.get("normalised_latency_ms", e["measured_latency_ms"]) for e in loop
+              if e.get("measured_latency_ms") is not None]
     search_ms = max((m for m in chosen if m <= budget_ms), default=None)
     return Pruned(model, search_ms, finetuned=True, notes=report.get("notes", []), probes=probes,
                   extra_measurements=extra)
