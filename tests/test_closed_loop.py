@@ -8,6 +8,7 @@ import pytest
 
 from compressor.allocation import solve_allocation
 from compressor.closed_loop import ACCEPT_HIGH, ACCEPT_LOW, Trial, choose_plan, in_band, run_closed_loop
+from compressor.host_drift import Reading
 from compressor.latency_table import WholeNetworkModel
 
 NAMES, CHANNELS = ["a", "b", "c"], [32, 64, 128]
@@ -67,3 +68,40 @@ def test_choice_is_the_widest_plan_that_fits_and_says_when_it_is_not_in_band():
     best, message = choose_plan([trial(0.99)], budget, measured=False, max_iterations=3)
     assert best.latency_ms == 0.99 and "inside the budget but within" in message
     assert ACCEPT_LOW < 0.95 < ACCEPT_HIGH
+
+
+def _loop(model, budget, as_reading: bool):
+    """The device matches the model exactly, but the host is 40 % slower during the first reading."""
+    calls = []
+
+    def measure(keep, iteration):
+        true_ms = model.predict(np.array([keep[n] for n in NAMES], dtype=float))
+        drift = 1.4 if iteration == 1 else 1.0
+        calls.append(iteration)
+        return Reading(drift * true_ms, drift) if as_reading else drift * true_ms
+
+    return run_closed_loop(model, budget, NAMES, _solve, measure, max_iterations=4), calls
+
+
+def test_the_loop_normalises_a_reading_taken_on_a_busy_host():
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+    trials, calls = _loop(model, budget, as_reading=True)
+    # The first plan was right; the busy host only made it read slow. Normalised, it is accepted.
+    assert calls == [1] and len(trials) == 1
+    entry = trials[0].entry
+    assert entry["host_drift"] == 1.4 and entry["in_band"]
+    assert entry["normalised_latency_ms"] == pytest.approx(entry["measured_latency_ms"] / 1.4)
+    assert trials[0].latency_ms == entry["normalised_latency_ms"] and "+40%" in entry["note"]
+    assert entry["error_pct"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_without_the_drift_the_same_reading_sends_the_loop_below_the_budget():
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+    trials, calls = _loop(model, budget, as_reading=False)
+    first = trials[0]
+    assert "host_drift" not in first.entry and not in_band(first.latency_ms, budget)
+    assert len(calls) >= 2  # it re-solved against a model corrected by the busy reading...
+    true_ms = model.predict(np.array([trials[1].keep[n] for n in NAMES], dtype=float))
+    assert true_ms < 0.8 * budget  # ...and cut the next plan ~30 % below the budget on a quiet device

@@ -1,4 +1,4 @@
-"""Host drift: the baseline re-timed after each reading, and what the closed loop does with it.
+"""Host drift: the baseline re-timed after each reading (the closed loop's use of it: test_closed_loop.py).
 
 The "busy host" is a real ONNX Runtime runner that also sleeps a fixed time per call, longer while
 the host is meant to be busy, so the probe measures a real slowdown (no timings are invented)."""
@@ -12,10 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.allocation import solve_allocation
-from compressor.closed_loop import in_band, run_closed_loop
 from compressor.host_drift import DRIFT_TOLERANCE, DriftProbe, Reading
-from compressor.latency_table import WholeNetworkModel
 from deploy.backends.onnxruntime_cpu import OnnxRuntimeCPU
 from deploy.onnx_export import export_onnx
 
@@ -92,58 +89,6 @@ def test_probe_sees_a_busy_host_on_one_open_runner(tiny_onnx):
 def test_probe_needs_a_positive_reference(tiny_onnx):
     with pytest.raises(ValueError, match="positive"):
         DriftProbe(OnnxRuntimeCPU(), tiny_onnx, SHAPE, 0.0, warmup=1, iterations=1, max_cv=0.1)
-
-
-NAMES, CHANNELS = ["a", "b", "c"], [32, 64, 128]
-
-
-def _model() -> WholeNetworkModel:
-    q = np.zeros((3, 3))
-    q[0, 1] = q[1, 2] = 1.0
-    form = {"c0": 0.0, "a": np.zeros(3), "q": q}
-    return WholeNetworkModel(NAMES, CHANNELS, [0.01, 1e-4, 0.0], form, {"c0": 0.0, "a": np.zeros(3), "q": q * 0})
-
-
-def _solve(cost_fn, target):
-    return solve_allocation(NAMES, CHANNELS, [1.0, 1.0, 1.0], [True] * 3, cost_fn, target, min_keep_ratio=0.1,
-                            utility="log")
-
-
-def _loop(model, budget, as_reading: bool):
-    """The device matches the model exactly, but the host is 40 % slower during the first reading."""
-    calls = []
-
-    def measure(keep, iteration):
-        true_ms = model.predict(np.array([keep[n] for n in NAMES], dtype=float))
-        drift = 1.4 if iteration == 1 else 1.0
-        calls.append(iteration)
-        return Reading(drift * true_ms, drift) if as_reading else drift * true_ms
-
-    return run_closed_loop(model, budget, NAMES, _solve, measure, max_iterations=4), calls
-
-
-def test_the_loop_normalises_a_reading_taken_on_a_busy_host():
-    model = _model()
-    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
-    trials, calls = _loop(model, budget, as_reading=True)
-    # The first plan was right; the busy host only made it read slow. Normalised, it is accepted.
-    assert calls == [1] and len(trials) == 1
-    entry = trials[0].entry
-    assert entry["host_drift"] == 1.4 and entry["in_band"]
-    assert entry["normalised_latency_ms"] == pytest.approx(entry["measured_latency_ms"] / 1.4)
-    assert trials[0].latency_ms == entry["normalised_latency_ms"] and "+40%" in entry["note"]
-    assert entry["error_pct"] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_without_the_drift_the_same_reading_sends_the_loop_below_the_budget():
-    model = _model()
-    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
-    trials, calls = _loop(model, budget, as_reading=False)
-    first = trials[0]
-    assert "host_drift" not in first.entry and not in_band(first.latency_ms, budget)
-    assert len(calls) >= 2  # it re-solved against a model corrected by the busy reading...
-    true_ms = model.predict(np.array([trials[1].keep[n] for n in NAMES], dtype=float))
-    assert true_ms < 0.8 * budget  # ...and cut the next plan ~30 % below the budget on a quiet device
 
 
 def test_the_final_reading_records_drift_but_stays_as_measured(tiny_onnx):
