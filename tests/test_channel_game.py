@@ -245,7 +245,9 @@ def trained_digits():
     data = load_data("digits", input_size=(8, 8), seed=0, calib_size=64)
     torch.manual_seed(0)
     model = DigitNet()
-    train(model, data, epochs=4, lr=0.1, batch_size=32, seed=0, augment=False)
+    # No warm-up: the adaptive-ranker test below needs this exact network, whose two lowest c1 values
+    # are close enough for 4 permutations to misplace them.
+    train(model, data, epochs=4, lr=0.1, batch_size=32, seed=0, augment=False, warmup_epochs=0)
     assert evaluate(model, data.val_x, data.val_y) > 0.6
     return model.eval(), data
 
