@@ -64,19 +64,22 @@ class DriftProbe:
         self.reference_ms = float(reference_ms)
         self.warmup, self.iterations, self.max_cv = warmup, iterations, max_cv
         self._runner: Any = None
+        self._input: Any = None
         self.checks: list[float] = []  # every drift seen, in order
 
-    def _open(self) -> Any:
+    def _open(self) -> tuple[Any, Any]:
+        """The runner and the fixed input, made on the first check and reused by every later one."""
         if self._runner is None:
             runner = self.backend.runner_at(self.model_path, self.input_shape)
             check_input_shape(runner.input_shape, self.input_shape, what=self.model_path.name)
-            self._runner = runner
-        return self._runner
+            self._runner, self._input = runner, fixed_input(self.input_shape)
+        return self._runner, self._input
 
     def drift(self) -> float:
         """The baseline's median now over its median at the start of the job."""
-        stats, _ = self.backend.time_runner(self._open(), fixed_input(self.input_shape), warmup=self.warmup,
-                                            iterations=self.iterations, max_cv=self.max_cv, retries=1)
+        runner, x = self._open()
+        stats, _ = self.backend.time_runner(runner, x, warmup=self.warmup, iterations=self.iterations,
+                                            max_cv=self.max_cv, retries=1)
         drift = stats.median_ms / self.reference_ms
         self.checks.append(drift)
         return drift
