@@ -33,8 +33,8 @@ from compressor.host_drift import DriftProbe, Reading
 from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
 from compressor.errors import BadInput
-from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cached_table,
-                                          check_table_matches, load_table_file, save_table, table_key)
+from compressor.latency_profiling import (TableRequest, architecture_hash, build_latency_model, cache_root,
+                                          cached_table, check_table_matches, load_table_file, save_table, table_key)
 from compressor.latency_table import LatencyModel
 from compressor.target_export import export_for_target
 from compressor.model_loading import build_model, check_input_shape, load_weights
@@ -670,13 +670,19 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
         ctx.run.save_stage("plan", {"kept": plan.to_dict(), "ranking": ranking_summary})
     pruned = apply_plan(copy.deepcopy(model), ctx.example_input, plan)
     t = time.perf_counter()
+    finetune: dict = {"epochs": 0, "teacher_logits": None, "val_accuracy_per_epoch": []}
     if not pruned_nothing:
         recalibrate_bn(pruned, data.train_x)
         if config.finetune_epochs > 0:
             with console.stage("fine-tuning with distillation", total=config.finetune_epochs) as advance:
-                finetune_with_distillation(pruned, model, data, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                           seed=config.seed, progress=lambda done, total, info: advance(
-                                               1, f"val {info.get('val_accuracy', float('nan')):.2%}"))
+                tuned = finetune_with_distillation(
+                    pruned, model, data, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
+                    progress=lambda done, total, info: advance(1, f"val {info.get('val_accuracy', float('nan')):.2%}"),
+                    teacher_cache=cache_root(), warn=console.warn)
+            finetune = {"epochs": config.finetune_epochs, "teacher_logits": tuned.teacher_logits,
+                        "val_accuracy_per_epoch": [h["val_accuracy"] for h in tuned.history]}
+            if tuned.teacher_logits and tuned.teacher_logits.startswith("cache:"):
+                console.info(f"fine-tuning: the teacher's logits replayed from the cache ({tuned.teacher_logits[7:]})")
     ctx.timings["finetune"] += time.perf_counter() - t
     pruned.eval()
     torch_accuracy = evaluate(pruned, data.val_x, data.val_y)
@@ -743,5 +749,5 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
                           importance_details=importance_details, allocation=search.solver, ranking=ranking_summary,
                           cost_model=cost_model, artifacts=artifacts, notes=notes, started=started,
                           baseline_measurement=baseline_measurement, final_measurement=final_measurement,
-                          latency_model=latency_info)
+                          latency_model=latency_info, finetune=finetune)
     return finish(ctx, report)

@@ -31,7 +31,7 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
                  groups: "list[PrunableGroup]", keep: dict[str, int], importance: dict[str, float],
                  importance_details: dict, allocation: dict | None, ranking: dict, cost_model: "CostModel", artifacts: dict, notes: list[str], started: float,
                  baseline_measurement: "Measurement | None", final_measurement: "Measurement | None",
-                 latency_model: dict | None = None) -> dict:
+                 latency_model: dict | None = None, finetune: dict | None = None) -> dict:
     keep_vec = np.array([keep[n] for n in cost_model.group_names])
     shares = cost_model.per_group_share(keep_vec, "macs")
     param_shares = cost_model.per_group_share(keep_vec, "params")
@@ -72,6 +72,7 @@ def build_report(*, ctx: "JobContext", budget: dict, met: bool, baseline: dict, 
         "importance": {k: v for k, v in importance_details.items() if k != "per_group"},
         "allocation": allocation,
         "ranking": ranking,
+        "finetune": finetune,
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "artifacts": artifacts,
         "environment": environment,

@@ -13,9 +13,11 @@ random crop from a zero-padded image (pad = H/8) and, only when asked, a horizon
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import BadInput
+from compressor.teacher_logits import TeacherLogits
 
 __all__ = ["TrainResult", "evaluate", "finetune_with_distillation", "recalibrate_bn", "train"]
 
@@ -39,8 +42,10 @@ class _Splits(Protocol):
 
 @dataclass
 class TrainResult:
-    """Per-epoch history: dicts with epoch, loss, train_accuracy, val_accuracy, seconds, lr."""
+    """Per-epoch history: dicts with epoch, loss, train_accuracy, val_accuracy, seconds, lr.
+    `teacher_logits`: where a distillation run got its teacher's outputs (`TeacherLogits.source`)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    teacher_logits: str | None = None
 
     @property
     def final_val_accuracy(self) -> float | None:
@@ -268,7 +273,8 @@ def finetune_with_distillation(student: nn.Module, teacher: nn.Module, data: _Sp
                                lr: float = 0.01, batch_size: int = 64, temperature: float = 4.0,
                                alpha: float = 0.7, weight_decay: float = 5e-4, seed: int = 0,
                                augment: bool = True, hflip: bool = False,
-                               progress: Progress | None = None) -> TrainResult:
+                               progress: Progress | None = None, teacher_cache: str | os.PathLike | None = None,
+                               warn: Callable[[str], None] | None = None) -> TrainResult:
     """Fine-tune the pruned ``student`` towards the original ``teacher`` (Hinton et al. 2015).
 
     loss = alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels).
@@ -277,6 +283,11 @@ def finetune_with_distillation(student: nn.Module, teacher: nn.Module, data: _Sp
     solution. The T² factor keeps the soft-target gradients on the scale of the CE term.
     The teacher runs in eval mode without gradients; its mode is restored afterwards.
     ``epochs=0`` returns an empty history at once.
+
+    `teacher_cache`: a cache root (`compressor.latency_profiling.cache_root()`). The teacher's logits for
+    every batch are then replayed from an earlier run with the same teacher, data and batching, or recorded
+    for the next (`compressor.teacher_logits`); the weights come out bit-identical either way.
+    `warn` hears about cache entries that are ignored.
     """
     if not (temperature > 0 and math.isfinite(temperature)):
         raise BadInput(f"distillation temperature must be positive, got {temperature}")
@@ -287,18 +298,28 @@ def finetune_with_distillation(student: nn.Module, teacher: nn.Module, data: _Sp
     t_sq = temperature * temperature
     teacher_was_training = teacher.training
     teacher.eval()
+    if teacher_cache is not None:
+        run_teacher: Callable[[torch.Tensor], torch.Tensor] = TeacherLogits.for_run(
+            teacher, data.train_x, seed=seed, epochs=epochs, batch_size=batch_size, augment=augment, hflip=hflip,
+            root=Path(teacher_cache), **({"warn": warn} if warn is not None else {}))
+    else:
+        run_teacher = teacher
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            t_logits = teacher(x)
+            t_logits = run_teacher(x)
         kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(t_logits / temperature, dim=1),
                       reduction="batchmean", log_target=True)
         ce = F.cross_entropy(logits, y)
         return alpha * t_sq * kd + (1.0 - alpha) * ce
 
     try:
-        return _fit(student, data, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size,
-                    weight_decay=weight_decay, seed=seed, augment=augment, hflip=hflip, progress=progress,
-                    helpers=(teacher,))
+        result = _fit(student, data, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size,
+                      weight_decay=weight_decay, seed=seed, augment=augment, hflip=hflip, progress=progress,
+                      helpers=(teacher,))
+        if isinstance(run_teacher, TeacherLogits):
+            run_teacher.save()
+            result.teacher_logits = run_teacher.source
+        return result
     finally:
         teacher.train(teacher_was_training)

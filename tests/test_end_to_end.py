@@ -130,6 +130,14 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     assert sidecar["backend"]["name"] == "onnxruntime-cpu" and sidecar["latency_ms"]["measured"] is True
     assert sidecar["latency_ms"]["median"] == pytest.approx(comp["median"])
     assert sidecar["input_shape"] == [1, 1, 32, 32] and sidecar["sha256"]["onnx"]
+    # Fine-tuning recorded the teacher's logits; another job on the same model and data replays them.
+    tuned = report["finetune"]
+    assert tuned["epochs"] == 2 and len(tuned["val_accuracy_per_epoch"]) == 2
+    assert tuned["teacher_logits"].startswith("computed, cached as ")
+    code, other = _compress(tmp_path / "other", "--weights", str(digits_weights), "--flops", "20M",
+                            "--finetune-epochs", "2", "--ranking", "taylor")
+    assert code == 0
+    assert other["finetune"]["teacher_logits"] == "cache: " + tuned["teacher_logits"].removeprefix("computed, cached as ")
 
 
 def test_latency_table_is_cached_and_drives_an_off_device_run(digits_weights, tmp_path):

@@ -25,6 +25,7 @@ from compressor.channel_ranking import select_top
 from compressor.cost_model import CostModel
 from compressor.data import DataSplits, load_data
 from compressor.groups import PrunableGroup, discover_groups
+from compressor.latency_profiling import cache_root
 from compressor.model_loading import build_model, load_weights
 from compressor.pruning import apply_plan
 from compressor.target_export import export_for_target
@@ -123,12 +124,16 @@ class Cell:
         return apply_plan(copy.deepcopy(self.dense), self.example_input,
                           select_top({n: scores[n] for n in wanted}, wanted))
 
-    def finetune(self, net: torch.nn.Module) -> torch.nn.Module:
-        """The pipeline's recipe, identical for every method: BN re-estimation, then distillation."""
+    def finetune(self, net: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
+        """The pipeline's recipe, identical for every method: BN re-estimation, then distillation.
+
+        Returns the network and where the teacher's logits came from. Like `compress`, it replays them
+        from the cache when an earlier row of this cell recorded them (`compressor.teacher_logits`): the
+        batches are the same for every method at a seed, and the weights come out bit-identical."""
         recalibrate_bn(net, self.data.train_x)
-        finetune_with_distillation(net, self.dense, self.data, epochs=self.finetune_epochs, lr=FINETUNE_LR,
-                                   seed=self.seed)
-        return net.eval()
+        result = finetune_with_distillation(net, self.dense, self.data, epochs=self.finetune_epochs, lr=FINETUNE_LR,
+                                            seed=self.seed, teacher_cache=cache_root())
+        return net.eval(), result.teacher_logits
 
     def accuracy(self, net: torch.nn.Module) -> float:
         return float(evaluate(net.eval(), self.data.val_x, self.data.val_y))

@@ -39,6 +39,7 @@ class Pruned:
     notes: list[str] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
     extra_measurements: int = 0  # measurements made outside Cell.measure (compress's own job)
+    teacher_logits: str | None = None  # where compress's own fine-tune got them (report.json "finetune")
 
 
 Method = Callable[[Cell, float, StageClock], Pruned]
@@ -222,7 +223,7 @@ def _compress_job(cell: Cell, budget_ms: float, clock: StageClock, *, importance
               if e.get("measured_latency_ms") is not None]
     search_ms = max((m for m in chosen if m <= budget_ms), default=None)
     return Pruned(model, search_ms, finetuned=True, notes=report.get("notes", []), probes=probes,
-                  extra_measurements=extra)
+                  extra_measurements=extra, teacher_logits=(report.get("finetune") or {}).get("teacher_logits"))
 
 
 @register("compressor")
