@@ -6,7 +6,8 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench bench-quick bench-solver bench-importance bench-shapley bench-ranking bench-latency
+.PHONY: venv demo test clean bench bench-quick bench-solver bench-importance bench-shapley bench-ranking bench-latency \
+	bench-teacher
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +58,11 @@ bench-ranking: $(STAMP)
 # Latency model fidelity (held-out MAPE) and the closed loop at 50%/70% budgets on the cpu target (~15 min).
 bench-latency: $(STAMP)
 	$(BIN)/python bench/latency_model.py
+
+# Fine-tuning with the teacher's logits replayed from the cache vs run on every batch, side by side
+# (ResNet-56 and MobileNetV2 on shapes, 2 rounds; ~20 min on 2 cores).
+bench-teacher: $(STAMP)
+	$(BIN)/python bench/teacher_logits.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
