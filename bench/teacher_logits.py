@@ -29,33 +29,24 @@ from common import TrainRecipe, trained_weights, write_result
 
 import torch  # noqa: E402  (after common: it puts the checkout on sys.path)
 
-from bench.peers.context import FINETUNE_LR  # noqa: E402
+from bench.peers.context import FINETUNE_LR, Cell  # noqa: E402
 from bench.peers.grid import FINETUNE_EPOCHS, TRAIN_EPOCHS, train_recipe  # noqa: E402
-from compressor.channel_ranking import channel_scores, select_top  # noqa: E402
-from compressor.data import load_data  # noqa: E402
-from compressor.groups import discover_groups  # noqa: E402
-from compressor.model_loading import build_model, load_weights  # noqa: E402
-from compressor.pruning import apply_plan  # noqa: E402
+from compressor.channel_ranking import channel_scores  # noqa: E402
 from compressor.training import finetune_with_distillation, recalibrate_bn  # noqa: E402
 
 MODES = ("plain", "record", "replay")
 
 
-def _student(dense: torch.nn.Module, x: torch.Tensor, keep_ratio: float) -> torch.nn.Module:
-    groups = discover_groups(dense, x)
-    keep = {g.name: max(g.min_keep, 1, round(keep_ratio * g.channels)) for g in groups if g.prunable}
-    scores = channel_scores(dense, groups, method="l1")
-    return apply_plan(copy.deepcopy(dense), x, select_top({n: scores[n] for n in keep}, keep))
-
-
 def bench_one(model: str, data: str, *, keep_ratio: float, rounds: int, seed: int) -> dict:
     recipe: TrainRecipe = train_recipe(model, data)
     weights = trained_weights(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, recipe=recipe)
-    splits = load_data(data, seed=seed)
-    dense = build_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels)
-    load_weights(dense, weights)
-    dense.eval()
-    student0 = _student(dense, torch.zeros(1, *splits.input_shape), keep_ratio)
+    with tempfile.TemporaryDirectory() as workdir:
+        cell = Cell.open(model, data, seed, weights, target="cpu", workdir=Path(workdir),
+                         finetune_epochs=FINETUNE_EPOCHS)
+    splits, dense = cell.data, cell.dense
+    # the same width in every group, L1 ranking: the peer bench's uniform-l1 student at this ratio
+    keep = {g.name: max(g.min_keep, 1, round(keep_ratio * g.channels)) for g in cell.prunable}
+    student0 = cell.prune(keep, channel_scores(dense, cell.groups, method="l1"))
     recalibrate_bn(student0, splits.train_x)
 
     seconds: dict[str, list[float]] = {m: [] for m in MODES}

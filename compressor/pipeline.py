@@ -682,7 +682,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
             finetune = {"epochs": config.finetune_epochs, "teacher_logits": tuned.teacher_logits,
                         "val_accuracy_per_epoch": [h["val_accuracy"] for h in tuned.history]}
             if tuned.teacher_logits and tuned.teacher_logits.startswith("cache:"):
-                console.info(f"fine-tuning: the teacher's logits replayed from the cache ({tuned.teacher_logits[7:]})")
+                console.info(f"fine-tuning: the teacher's logits replayed from the cache ({tuned.teacher_logits.removeprefix('cache: ')})")
     ctx.timings["finetune"] += time.perf_counter() - t
     pruned.eval()
     torch_accuracy = evaluate(pruned, data.val_x, data.val_y)

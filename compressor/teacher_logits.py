@@ -71,9 +71,10 @@ class TeacherLogits:
     """
 
     def __init__(self, teacher: nn.Module, key: dict[str, Any], path: Path, *, samples: int,
-                 warn: Callable[[str], None] = log.warning) -> None:
+                 warn: Callable[[str], None] | None = None) -> None:
         """`samples`: how many teacher outputs the run will ask for (epochs x training samples), for the
-        size limit."""
+        size limit. `warn` hears about ignored entries (default: the "compressor" logger)."""
+        warn = warn or log.warning
         self.teacher, self.key, self.path, self.warn = teacher, key, Path(path), warn
         self.samples = int(samples)
         self._recording = True
@@ -91,7 +92,7 @@ class TeacherLogits:
     @classmethod
     def for_run(cls, teacher: nn.Module, train_x: torch.Tensor, *, seed: int, epochs: int, batch_size: int,
                 augment: bool, hflip: bool, root: Path | None = None,
-                warn: Callable[[str], None] = log.warning) -> "TeacherLogits":
+                warn: Callable[[str], None] | None = None) -> "TeacherLogits":
         key = teacher_logits_key(teacher, train_x, seed=seed, epochs=epochs, batch_size=batch_size,
                                  augment=augment, hflip=hflip)
         return cls(teacher, key, teacher_logits_path(key, root), samples=int(epochs) * int(train_x.shape[0]),
@@ -99,9 +100,7 @@ class TeacherLogits:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         index, self._calls = self._calls, self._calls + 1
-        if self._replay is not None:
-            if index == 0:
-                return self._check_first(x)
+        if self._replay is not None and index > 0:
             if index < len(self._replay) and self._replay[index].shape[0] == x.shape[0]:
                 self.replayed_batches += 1
                 return self._replay[index].to(x.device)
@@ -111,23 +110,18 @@ class TeacherLogits:
             self._replay, self._recording = None, False
             self.source = f"cache: {self.path}, then computed from batch {index}"
         logits = self.teacher(x)
+        if index == 0 and self._replay is not None:
+            # the first batch is always computed: the stored run is trusted only if it matches bit for bit
+            if torch.equal(logits.cpu(), self._replay[0]):
+                self.source = f"cache: {self.path}"
+                return logits
+            self.warn(f"ignoring the cached teacher logits {self.path}: its first batch differs from the "
+                      f"teacher's (max abs diff {_max_diff(logits, self._replay[0])}); recording afresh")
+            self._replay = None
         if index == 0 and self.samples * logits[0].numel() * logits.element_size() > MAX_ENTRY_BYTES:
             self._recording, self.source = False, "computed (too large to cache)"
         if self._recording:
             self._recorded.append(logits.detach().cpu().clone())
-        return logits
-
-    def _check_first(self, x: torch.Tensor) -> torch.Tensor:
-        """The first batch is always computed; the stored run is trusted only if it matches bit for bit."""
-        assert self._replay is not None
-        logits = self.teacher(x)
-        if torch.equal(logits.cpu(), self._replay[0]):
-            self.source = f"cache: {self.path}"
-            return logits
-        self.warn(f"ignoring the cached teacher logits {self.path}: its first batch differs from the teacher's "
-                  f"(max abs diff {_max_diff(logits, self._replay[0])}); recording afresh")
-        self._replay = None
-        self._recorded.append(logits.detach().cpu().clone())
         return logits
 
     def save(self) -> Path | None:

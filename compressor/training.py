@@ -301,7 +301,7 @@ def finetune_with_distillation(student: nn.Module, teacher: nn.Module, data: _Sp
     if teacher_cache is not None:
         run_teacher: Callable[[torch.Tensor], torch.Tensor] = TeacherLogits.for_run(
             teacher, data.train_x, seed=seed, epochs=epochs, batch_size=batch_size, augment=augment, hflip=hflip,
-            root=Path(teacher_cache), **({"warn": warn} if warn is not None else {}))
+            root=Path(teacher_cache), warn=warn)
     else:
         run_teacher = teacher
 

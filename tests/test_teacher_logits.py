@@ -1,6 +1,8 @@
 """The distillation teacher's logits, recorded by one fine-tuning run and replayed by the next."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from compressor import teacher_logits as tl
@@ -29,7 +31,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _entry(teacher, data, root, **overrides) -> tuple[dict, "object"]:
+def _entry(teacher, data, root, **overrides) -> tuple[dict, Path]:
     s = {**SETTINGS, **overrides}
     key = teacher_logits_key(teacher, data.train_x, seed=s["seed"], epochs=s["epochs"], batch_size=s["batch_size"],
                              augment=True, hflip=False)
