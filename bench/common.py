@@ -54,7 +54,7 @@ def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0,
     from compressor.models.initialisation import zero_init_residuals_
     from compressor.training import evaluate, train
 
-    path = WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}{recipe.tag()}.pt"
+    path = weights_path(model, data, epochs=epochs, seed=seed, recipe=recipe)
     if path.exists():
         return path
     torch.manual_seed(seed)
@@ -64,11 +64,27 @@ def trained_weights(model: str, data: str, *, epochs: int, seed: int = 0,
         zero_init_residuals_(net)
     started = time.perf_counter()
     train(net, splits, epochs=epochs, lr=recipe.lr, seed=seed, warmup_epochs=recipe.warmup_epochs)
-    print(f"trained {model} on {data} for {epochs} epochs in {time.perf_counter() - started:.0f} s: "
-          f"val accuracy {evaluate(net, splits.val_x, splits.val_y):.2%}", flush=True)
+    seconds = time.perf_counter() - started
+    accuracy = evaluate(net, splits.val_x, splits.val_y)
+    print(f"trained {model} on {data} for {epochs} epochs in {seconds:.0f} s: val accuracy {accuracy:.2%}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(net, path)
+    # How long training took, for benches that report their time from scratch (weights cached before
+    # this sidecar existed have none: their training time is unknown, not zero).
+    atomic_write_text(training_record_path(path), json.dumps(
+        {"train_s": round(seconds, 2), "val_accuracy": accuracy, "threads": torch.get_num_threads(),
+         "trained_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
     return path
+
+
+def weights_path(model: str, data: str, *, epochs: int, seed: int = 0, recipe: TrainRecipe = TrainRecipe()) -> Path:
+    """Where `trained_weights` keeps (model, data, epochs, seed, recipe)'s state_dict."""
+    return WORK / "weights" / f"{model}-{data.replace(':', '_')}-e{epochs}-s{seed}{recipe.tag()}.pt"
+
+
+def training_record_path(weights: Path) -> Path:
+    """The JSON beside trained weights that says how long they took to train."""
+    return weights.with_suffix(".train.json")
 
 
 def machine() -> dict[str, Any]:

@@ -232,3 +232,38 @@ def test_train_recipe_names_keep_the_old_cache_names_and_set_resnet56_shapes_apa
     assert grids.row_path("uniform-l1", "resnet56", "shapes", 0.5, 0).name.endswith("-tr12-wu1-zi.json")
     assert grids.row_path("uniform-l1", "resnet56", "digits", 0.5, 0).name.endswith("-tr8-lr0.02.json")
     assert grids.row_path("uniform-l1", "resnet20", "shapes", 0.5, 0).name.endswith("-tr12.json")
+
+
+def test_the_time_section_sums_rows_and_training_and_never_counts_an_unknown_as_zero(tmp_path):
+    from bench.peers.results import time_summary
+
+    rows = [{**_row(0, 0.9), "wall_s": 100.0, "stage_s": {"finetune": 60.0, "search": 40.0},
+             "teacher_logits": "computed"},
+            {**_row(1, 0.9), "wall_s": 50.0, "stage_s": {"finetune": 45.0, "search": 5.0},
+             "teacher_logits": "replayed"}]
+    known = [{"model": "resnet20", "data": "digits", "seed": s, "train_s": 25.0} for s in (0, 1)]
+    cost = time_summary(rows, known)
+    assert cost["rows_s"] == 150.0 and cost["training_s"] == 50.0 and cost["total_s"] == 200.0
+    assert cost["stage_s"] == {"finetune": 105.0, "search": 45.0} and cost["teacher_logits_replayed_rows"] == 1
+    partly = time_summary(rows, known[:1] + [{**known[1], "train_s": None}])
+    assert partly["total_s"] is None and partly["cells_training_unknown"] == 1 and partly["training_s"] == 25.0
+    write_outputs(rows, tmp_path, grid_description={}, expected_rows=2, command="make bench",
+                  recipe={"finetune_epochs": 3}, training=known)
+    assert json.loads((tmp_path / "summary.json").read_text())["time"] == cost
+    text = (tmp_path / "README.md").read_text()
+    assert "**Total: 0.06 h**" in text and "finetune 70%" in text and "search 30%" in text
+
+
+def test_trained_weights_record_how_long_training_took(tmp_path, monkeypatch):
+    import bench.common as common
+    from bench.peers import grid as grids
+
+    monkeypatch.setattr(common, "WORK", tmp_path)
+    monkeypatch.setattr(grids, "TRAIN_EPOCHS", {"digits": 1, "shapes": 1})
+    quick = grids.Grid(("resnet20",), ("digits",), (0.5,), (0,), ("uniform-l1",))
+    assert grids.training_records(quick) == [{"model": "resnet20", "data": "digits", "seed": 0, "train_s": None}]
+    path = common.trained_weights("resnet20", "digits", epochs=1, seed=0)
+    record = json.loads(common.training_record_path(path).read_text())
+    assert path.exists() and record["train_s"] > 0 and 0.0 <= record["val_accuracy"] <= 1.0
+    (entry,) = grids.training_records(quick)
+    assert entry["train_s"] == record["train_s"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from bench.common import WORK, TrainRecipe, trained_weights
+from bench.common import WORK, TrainRecipe, trained_weights, training_record_path, weights_path
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
 from compressor.job_config import SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
@@ -160,6 +160,17 @@ def cached_rows(grid: Grid) -> list[dict]:
     """The rows of `grid` already run (error rows included: the report lists them), in grid order."""
     return [r for seed, model, data in grid.cells() for b in grid.budgets for m in grid.methods
             if (r := read_json(row_path(m, model, data, b, seed))) is not None]
+
+
+def training_records(grid: Grid) -> list[dict]:
+    """How long each of `grid`'s cells took to train its dense network (`train_s` None: trained
+    before the bench kept that record, or not trained yet)."""
+    out = []
+    for seed, model, data in grid.cells():
+        weights = weights_path(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, recipe=train_recipe(model, data))
+        record = read_json(training_record_path(weights)) if weights.exists() else None
+        out.append({"model": model, "data": data, "seed": seed, "train_s": (record or {}).get("train_s")})
+    return out
 
 
 def run_grid(grid: Grid, log=print) -> None:

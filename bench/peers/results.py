@@ -213,10 +213,50 @@ def plot_pareto(summary: list[dict], model: str, data: str, path: Path) -> bool:
     return True
 
 
+def time_summary(rows: list[dict], training: list[dict]) -> dict:
+    """What the run cost, from the rows' own clocks and the training records (`grid.training_records`).
+
+    `rows_s` sums every row's wall time (a row's stages: ranking, search, fine-tune, measurements);
+    `training_s` sums the dense networks' training. `total_s` is their sum, and None while any cell's
+    training time is unknown: an unknown is not counted as zero."""
+    stages: dict[str, float] = defaultdict(float)
+    for r in rows:
+        for k, v in (r.get("stage_s") or {}).items():
+            stages[k] += v
+    rows_s = sum(r.get("wall_s") or 0.0 for r in rows)
+    known = [t["train_s"] for t in training if t.get("train_s") is not None]
+    training_s = sum(known)
+    unknown = len(training) - len(known)
+    return {"rows_s": round(rows_s, 1), "stage_s": {k: round(v, 1) for k, v in sorted(stages.items())},
+            "training_s": round(training_s, 1), "cells_trained": len(known), "cells_training_unknown": unknown,
+            "total_s": round(rows_s + training_s, 1) if unknown == 0 else None,
+            "teacher_logits_replayed_rows": sum(1 for r in rows if r.get("teacher_logits") == "replayed")}
+
+
+def time_markdown(cost: dict) -> list[str]:
+    rows_h = cost["rows_s"] / 3600
+    shares = ", ".join(f"{k} {v / cost['rows_s']:.0%}" for k, v in sorted(cost["stage_s"].items(), key=lambda kv: -kv[1])
+                       if cost["rows_s"] and v / cost["rows_s"] >= 0.05)
+    lines = ["## Time", "", f"- Rows: {rows_h:.2f} h of wall time ({shares}); "
+             f"{cost['teacher_logits_replayed_rows']} rows replayed the distillation teacher's logits."]
+    if cost["cells_trained"]:
+        lines.append(f"- Training the dense networks: {cost['training_s'] / 3600:.2f} h "
+                     f"({cost['cells_trained']} cells).")
+    if cost["total_s"] is not None:
+        lines.append(f"- **Total: {cost['total_s'] / 3600:.2f} h** on this machine (rows + training, as measured).")
+    else:
+        lines.append(f"- Total: unknown; {cost['cells_training_unknown']} cells' networks were trained before the "
+                     "bench recorded training time.")
+    return lines + [""]
+
+
 def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expected_rows: int,
-                  command: str, recipe: dict, findings: str | None = None) -> list[dict]:
+                  command: str, recipe: dict, findings: str | None = None,
+                  training: list[dict] | None = None) -> list[dict]:
     """Write summary.json, README.md and the PNGs. With the grid's methods and budgets in
-    `grid_description`, rows of unfinished cells are counted but left out of the tables."""
+    `grid_description`, rows of unfinished cells are counted but left out of the tables.
+    `training`: per-cell training records, for the time section."""
+    cost = time_summary(rows, training or [])
     waiting: list[dict] = []
     if "methods" in grid_description and "budgets" in grid_description:
         rows, waiting = finished_cells(rows, grid_description["methods"], grid_description["budgets"])
@@ -226,7 +266,7 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
                "command": command, "grid": grid_description, "recipe": recipe,
                "complete": len(rows) == expected_rows, "row_runs": len(rows) + len(waiting),
                "rows_waiting": len(waiting), "expected_row_runs": expected_rows,
-               "commits": sorted({r["commit"] for r in rows})}
+               "commits": sorted({r["commit"] for r in rows}), "time": cost}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
     plots = [(m, d) for m, d in pairs if plot_pareto(summary, m, d, out / f"pareto-{m}-{d}.png")]
@@ -245,7 +285,7 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
              "this VM drifts by 10-20% over minutes, and a side-by-side ratio cancels it. `met` counts the "
              "seeds whose final latency is within the budget. Accuracy: validation split, mean ± std over "
              "seeds; **bold** is the best among methods that met the budget on every seed.", ""]
-    lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary)
+    lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary) + time_markdown(cost)
     if findings:  # the written reading of these numbers (bench/peers/findings.md), for the full grid only
         lines += [findings.strip(), ""]
     for m, d in pairs:
