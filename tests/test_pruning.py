@@ -62,7 +62,6 @@ def test_pruned_network_computes_the_same_function_without_the_dropped_channels(
 
 def test_kept_filters_are_the_original_rows_and_concat_offsets_do_not_shift():
     model, x = build_local("cat"), example_input()
-    groups = discover_groups(model, x)
     plan = ChannelPlan({"branch_a": [0, 3], "branch_b": [1, 2, 6], "stem.0": [0, 2, 4, 5]})
     pruned = apply_plan(copy.deepcopy(model), x, plan)
     assert torch.equal(pruned.branch_a.weight, model.branch_a.weight[[0, 3]][:, [0, 2, 4, 5]])
