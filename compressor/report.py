@@ -137,6 +137,9 @@ def budget_line(report: dict) -> str:
     text = f"{value:.4g} ms" if budget["kind"] == "latency_ms" else f"{value / 1e6:.4g}M {budget['kind']}"
     if "requested" in budget:
         text += f" (speedup {budget['requested']['value']:g}x over the measured baseline)"
+        measured = (report.get("compressed") or {}).get("speedup")
+        if measured:  # the verdict of a speedup budget: timed side by side with the baseline
+            text += f", measured {measured['speedup']:.3g}x side by side"
     return f"budget {text}: {'MET' if report['met'] else 'NOT MET'}"
 
 
@@ -173,7 +176,8 @@ def render_markdown(report: dict) -> str:
             measured = ms(it.get("measured_latency_ms"))
             if it.get("normalised_latency_ms") is not None:
                 measured += f" (normalised {ms(it['normalised_latency_ms'])})"
-            lines.append(f"| {it['iteration']} | {ms(it.get('predicted_latency_ms'))} | {measured} | "
+            kept = " (kept)" if it.get("chosen") else ""
+            lines.append(f"| {it['iteration']}{kept} | {ms(it.get('predicted_latency_ms'))} | {measured} | "
                          f"{'' if drift is None else f'{drift:.2f}'} | {'' if error is None else f'{error:+.1f}%'} | "
                          f"{_mega(it.get('macs'))} |")
     model = report.get("latency_model")

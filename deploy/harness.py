@@ -22,7 +22,10 @@ log = logging.getLogger("deploy.harness")
 _MAX_EXTENSION = 100
 
 
-def _timed_samples(run_once: Callable[[], None], *, warmup: int, iterations: int, min_time_s: float) -> list[float]:
+def timed_samples(run_once: Callable[[], None], *, warmup: int, iterations: int,
+                  min_time_s: float = 0.0) -> list[float]:
+    """Wall time (ms) of each of `iterations` calls after `warmup` untimed ones (more calls, up to
+    100x, while `min_time_s` has not passed). The raw loop under `measure_callable`."""
     for _ in range(warmup):
         run_once()
     clock = time.perf_counter_ns
@@ -64,7 +67,7 @@ def measure_callable(
     for _ in range(retries + 1):
         attempts += 1
         stats = summarise(
-            _timed_samples(run_once, warmup=warmup, iterations=iterations, min_time_s=min_time_s), warmup=warmup
+            timed_samples(run_once, warmup=warmup, iterations=iterations, min_time_s=min_time_s), warmup=warmup
         )
         if best is None or stats.cv < best.cv:
             best = stats

@@ -1,7 +1,9 @@
 """The peer benchmark's parts (bench/peers): HALP's knapsack and plan, the measured bisection, the
 BN Taylor scores, torch-pruning's progressive run, and summary.json's contract."""
+import dataclasses
 import itertools
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -92,14 +94,14 @@ def _search(latency_of, budget, low=0.0, high=1.0):
 
 def test_bisection_lands_in_the_band_below_the_budget():
     outcome = _search(lambda s: 0.2 + 2.0 * s, budget=1.0)
-    assert STOP_LOW <= outcome.latency_ms <= ACCEPT_HIGH
+    assert STOP_LOW <= outcome.reading <= ACCEPT_HIGH
     assert len(outcome.probes) <= 8
 
 
 def test_bisection_keeps_the_widest_fitting_plan_when_the_band_is_not_reached():
     # A staircase: no plan lands in [0.95, 0.98]; the best fitting one is 0.9.
     outcome = _search(lambda s: 0.9 if s < 0.5 else 1.2, budget=1.0)
-    assert outcome.latency_ms == pytest.approx(0.9)
+    assert outcome.reading == pytest.approx(0.9)
 
 
 def test_bisection_reports_an_infeasible_budget():
@@ -182,19 +184,20 @@ def test_a_filtered_run_reports_every_cached_row_of_the_grid(tmp_path, monkeypat
     from bench.peers import __main__ as cli
     from bench.peers import grid as grids
 
-    monkeypatch.setattr(grids, "ROOT", tmp_path / "work")
+    monkeypatch.setattr(grids, "FULL", dataclasses.replace(grids.FULL, store=tmp_path / "rows"))
     monkeypatch.setattr(cli, "RESULTS", tmp_path / "results")
     ran = []
     monkeypatch.setattr(grids, "run_grid", lambda grid, log=print: ran.append(grid))
     kept = {0: 0.90, 1: 0.94}
     for seed, accuracy in kept.items():  # two rows of the quick grid already run
-        path = grids.row_path("uniform-l1", "resnet20", "digits", 0.5, seed)
+        path = grids.row_path("uniform-l1", "resnet20", "digits", 0.5, seed, tmp_path / "rows")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_row(seed, accuracy)))
     assert cli.main(["--seeds", "1", "--methods", "halp-knapsack", "itpruner"]) == 0
     (selection,) = ran
     assert selection.seeds == (1,) and selection.methods == ("halp-knapsack", "itpruner")
     assert selection.models == grids.FULL.models and selection.budgets == grids.FULL.budgets
+    assert selection.store == tmp_path / "rows"  # a filtered run writes to the full grid's store
     payload = json.loads((tmp_path / "results" / "summary.json").read_text())
     # the report counts the whole grid's cached rows, not only the filtered run's; these two cells
     # are unfinished (one method of six), so they wait outside the tables
@@ -229,9 +232,47 @@ def test_train_recipe_names_keep_the_old_cache_names_and_set_resnet56_shapes_apa
     assert grids.train_recipe("resnet20", "shapes") == TrainRecipe()
     r56 = grids.train_recipe("resnet56", "shapes")
     assert r56.zero_init_residual and r56.warmup_epochs == 1 and r56.tag() == "-wu1-zi"
-    assert grids.row_path("uniform-l1", "resnet56", "shapes", 0.5, 0).name.endswith("-tr12-wu1-zi.json")
-    assert grids.row_path("uniform-l1", "resnet56", "digits", 0.5, 0).name.endswith("-tr8-lr0.02.json")
-    assert grids.row_path("uniform-l1", "resnet20", "shapes", 0.5, 0).name.endswith("-tr12.json")
+    assert grids.row_path("uniform-l1", "resnet56", "shapes", 0.5, 0, grids.FULL.store).name.endswith("-tr12-wu1-zi.json")
+    assert grids.row_path("uniform-l1", "resnet56", "digits", 0.5, 0, grids.FULL.store).name.endswith("-tr8-lr0.02.json")
+    assert grids.row_path("uniform-l1", "resnet20", "shapes", 0.5, 0, grids.FULL.store).name.endswith("-tr12.json")
+
+
+def test_the_full_grid_keeps_its_rows_with_the_results_and_the_quick_grid_under_runs():
+    from bench.common import RESULTS, WORK
+    from bench.peers import grid as grids
+
+    assert grids.FULL.store == RESULTS / "rows"  # committed: a grid longer than a sitting resumes from a clone
+    assert grids.QUICK.store.is_relative_to(WORK)  # ignored: make bench-quick always runs
+    assert grids.row_path("itpruner", "resnet20", "digits", 0.7, 2, grids.FULL.store).parent == RESULTS / "rows"
+
+
+def test_rows_are_stamped_with_the_last_commit_that_changed_the_code(tmp_path):
+    """Committing rows (or docs) keeps the stamp; a code change makes a new one; uncommitted code is dirty."""
+    from bench.peers.grid import code_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "compressor").mkdir()
+    (tmp_path / "compressor" / "a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("log", "-1", "--format=%h")
+    assert code_commit(tmp_path) == code
+    (tmp_path / "bench" / "results" / "rows").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "rows" / "r.json").write_text("{}\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", "-A")
+    git("commit", "-qm", "rows and docs")
+    assert code_commit(tmp_path) == code
+    (tmp_path / "bench" / "results" / "rows" / "r.json").write_text('{"a": 1}\n')  # results in progress
+    assert code_commit(tmp_path) == code
+    (tmp_path / "compressor" / "a.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == f"{code}-dirty"
+    git("commit", "-qam", "more code")
+    assert code_commit(tmp_path) == git("log", "-1", "--format=%h") != code
 
 
 def test_the_time_section_sums_rows_and_training_and_never_counts_an_unknown_as_zero(tmp_path):
@@ -260,10 +301,68 @@ def test_trained_weights_record_how_long_training_took(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "WORK", tmp_path)
     monkeypatch.setattr(grids, "TRAIN_EPOCHS", {"digits": 1, "shapes": 1})
-    quick = grids.Grid(("resnet20",), ("digits",), (0.5,), (0,), ("uniform-l1",))
+    quick = grids.Grid(("resnet20",), ("digits",), (0.5,), (0,), ("uniform-l1",), store=tmp_path / "rows")
     assert grids.training_records(quick) == [{"model": "resnet20", "data": "digits", "seed": 0, "train_s": None}]
     path = common.trained_weights("resnet20", "digits", epochs=1, seed=0)
     record = json.loads(common.training_record_path(path).read_text())
     assert path.exists() and record["train_s"] > 0 and 0.0 <= record["val_accuracy"] <= 1.0
     (entry,) = grids.training_records(quick)
     assert entry["train_s"] == record["train_s"]
+    # The store's copy (committed with the rows) answers once the weights under runs/ are gone.
+    copy = grids.training_record_in_store(quick.store, path)
+    copy.parent.mkdir(parents=True)
+    copy.write_text(json.dumps(record))
+    path.unlink()
+    common.training_record_path(path).unlink()
+    assert grids.training_records(quick)[0]["train_s"] == record["train_s"]
+
+
+@pytest.fixture(scope="module")
+def digits_cell(tmp_path_factory):
+    """A real cell: ResNet-20 trained 1 epoch on digits, the `cpu` target, no fine-tune epochs."""
+    import bench.common as common
+    from bench.peers.context import Cell
+
+    root = tmp_path_factory.mktemp("cell")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "WORK", root)
+        weights = common.trained_weights("resnet20", "digits", epochs=1, seed=0)
+    return Cell.open("resnet20", "digits", 0, weights, target="cpu", workdir=root / "cell", finetune_epochs=0)
+
+
+def test_paired_ratio_reads_the_dense_network_as_one_and_a_pruned_one_below(digits_cell):
+    """Timing two networks in alternating blocks: the dense network against itself reads 1 (within
+    this VM's noise), a network cut to a quarter of every group's width reads well below it."""
+    cell = digits_cell
+    before = cell.measurements
+    same, dense_ms = cell.paired_ratio(cell._dense_path())
+    assert same == pytest.approx(1.0, abs=0.1) and dense_ms > 0
+    quarter = cell.prune({g.name: max(g.min_keep, 1, g.channels // 4) for g in cell.prunable},
+                         {g.name: torch.arange(g.channels, dtype=torch.float32) for g in cell.prunable})
+    assert cell.measure_ratio(quarter, "quarter") < 0.8
+    assert cell.measurements - before == 4
+
+
+@pytest.mark.parametrize("method", ["uniform-l1", "compressor"])
+def test_a_row_is_judged_beside_the_dense_network_not_against_a_stale_baseline(digits_cell, method, tmp_path,
+                                                                                 monkeypatch):
+    """The stored baseline says the dense network takes twice what it takes now (timed on a slower
+    host). A search in ms against that stale baseline would accept the dense network itself for a 50%
+    budget. The peers' search reads each plan beside the dense network, `compress` gets a 2x speed-up
+    over its own baseline, and the final side-by-side ratio lands near 0.5, the fraction it is judged by."""
+    from bench.peers.grid import run_row
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    stale_ms = 2.0 * digits_cell.measure_dense()
+    row = run_row(digits_cell, method, 0.5, stale_ms, dense_accuracy=0.5)
+    assert "error" not in row, row.get("traceback")
+    assert row["budget_ms"] == pytest.approx(0.5 * stale_ms)
+    # the peers keep plans inside the guard band; compress prefers one there and falls back to one within budget
+    assert row["search_ratio"] <= (ACCEPT_HIGH if method == "uniform-l1" else 1.0) * 0.5
+    assert row["latency_ratio"] < 0.7  # a search against the stale baseline would deliver a ratio near 1
+    assert row["latency_ms"] == pytest.approx(row["latency_ratio"] * stale_ms)
+    assert 0.0 <= row["accuracy"] <= 1.0
+    if method == "uniform-l1":
+        assert all(0 < p["latency_ratio"] < 1.5 for p in row["probes"])
+        # every probe is two measurements (the dense network, then the plan); the verdict 3 rounds of two
+        assert row["measurements"] == 2 * len(row["probes"]) + 2 * 3

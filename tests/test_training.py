@@ -126,6 +126,26 @@ def test_recalibrate_bn_matches_the_data_statistics():
             assert torch.equal(v, weights[k]), k
 
 
+def test_evaluation_and_bn_reestimation_leave_the_layout_as_they_found_it():
+    """Both run their forwards in NHWC (faster on CPU) and hand the model back in its own layout: NCHW
+    outside training, NHWC when called by training's per-epoch validation, which must stay NHWC."""
+    from compressor.training import channels_last
+
+    model = fresh(width=6).eval()
+    x, y = quadrants(96, seed=5)
+    with torch.no_grad():
+        expected = float((model(x).argmax(dim=1) == y).float().mean())
+    assert evaluate(model, x, y, batch_size=40) == pytest.approx(expected)
+    recalibrate_bn(model, x, batch_size=32)
+    assert all(p.is_contiguous() for p in model.parameters())
+    with channels_last(model):
+        evaluate(model, x, y)
+        recalibrate_bn(model, x, batch_size=32)
+        conv = model.conv2.weight  # conv1's one input channel is both layouts at once
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_recalibrate_bn_respects_max_batches():
     model = fresh(width=4)
     x, _ = quadrants(96, seed=4)

@@ -5,8 +5,10 @@
     python -m bench.peers --report-only   # rebuild the outputs from the rows already run
     python -m bench.peers --models resnet56 --seeds 0 --methods halp-knapsack   # run only some rows
 
-Rows are cached under runs/bench/peers/rows/, so a stopped run resumes and quick rows count
-towards the full grid. Run it alone: other work on a 2-core machine distorts every latency.
+The full grid's rows are kept in bench/results/rows/ (committed with the results), so a stopped run
+resumes, from a fresh clone too; delete that folder to run the grid from scratch. The quick grid's
+rows stay under runs/bench/peers/rows/. Run it alone: other work on a 2-core machine distorts every
+latency.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         check_methods(args.methods)
     run = grids.Grid(tuple(args.models or full.models), tuple(args.data or full.data), full.budgets,
-                     tuple(args.seeds or full.seeds), tuple(args.methods or full.methods))
+                     tuple(args.seeds or full.seeds), tuple(args.methods or full.methods), store=full.store)
     out = RESULTS / "quick" if args.quick else RESULTS
     # The bench's latency tables and Shapley passes live with its rows, not in the user's cache.
     os.environ.setdefault("COMPRESS_CACHE_DIR", str(grids.ROOT / "cache"))

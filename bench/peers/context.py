@@ -2,7 +2,7 @@
 
 A cell holds the trained network (trained once per seed and cached), its data splits, its prunable
 groups and cost model, and the `cpu` target's backend with the profile's measurement settings.
-Methods call `measure` (counted: the bench reports how many latency measurements each method
+Methods call `measure_ratio` (counted: the bench reports how many latency measurements each method
 needed), `prune` (physical pruning through torch-pruning's dependency graph) and the harness calls
 `finetune` (the pipeline's recipe: BatchNorm re-estimation, then distillation from the dense model)
 on every method's result.
@@ -10,6 +10,7 @@ on every method's result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import statistics
 import time
 from contextlib import contextmanager
@@ -32,9 +33,11 @@ from compressor.target_export import export_for_target
 from compressor.training import evaluate, finetune_with_distillation, recalibrate_bn
 from deploy.backends import backend_for_profile
 from deploy.backends.base import Backend
+from deploy.side_by_side import time_side_by_side
 from deploy.profiles import TargetProfile, load_profile
 
 FINETUNE_LR = 0.01  # compress's default --finetune-lr
+FINAL_ROUNDS = 3  # the verdict's paired readings: a median of 3 outvotes one taken in a slow moment
 
 
 class StageClock:
@@ -71,6 +74,7 @@ class Cell:
     finetune_epochs: int
     measurements: int = 0
     memo: dict = field(default_factory=dict)  # per-cell results methods reuse across budgets
+    _dense_onnx: Path | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, model_name: str, data_name: str, seed: int, weights: Path, *, target: str, workdir: Path,
@@ -97,26 +101,60 @@ class Cell:
     def prunable(self) -> list[PrunableGroup]:
         return [g for g in self.groups if g.prunable]
 
-    def measure(self, net: torch.nn.Module, label: str) -> float:
-        """Median latency (ms) of `net` on the target, with the profile's warm-up, iterations and CV
-        re-take: the measurement `compress` makes. Counted in `measurements`."""
-        path = export_for_target(self.backend, net.eval(), self.example_input, self.workdir / f"{label}.onnx")
+    def _export(self, net: torch.nn.Module, label: str) -> Path:
+        return export_for_target(self.backend, net.eval(), self.example_input, self.workdir / f"{label}.onnx")
+
+    def _dense_path(self) -> Path:
+        if self._dense_onnx is None:  # exported once per cell
+            self._dense_onnx = self._export(self.dense, "dense-reference")
+        return self._dense_onnx
+
+    def dense_digest(self) -> str:
+        """A short hash of the dense network's tensors: rows of one cell run in different sittings
+        (the weights retrained from their seed) can show they started from the same network."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.dense.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def measure_dense(self) -> float:
+        """The dense network's median latency (ms) now, timed alone with the profile's warm-up,
+        iterations and CV re-take: the measurement `compress` makes. Counted in `measurements`."""
+        return self._time(self._dense_path())
+
+    def _time(self, path: Path) -> float:
         shape = (self.profile.batch_size, *self.data.input_shape)
         result = self.backend.measure(path, shape, warmup=self.profile.warmup, iterations=self.profile.iterations,
                                       max_cv=self.profile.max_cv)
         self.measurements += 1
         return float(result.latency.median_ms)
 
-    def measure_against_dense(self, net: torch.nn.Module, label: str, rounds: int = 2) -> tuple[float, float]:
-        """(ratio, pruned median ms): `net`'s latency as a ratio to the dense network's, the two measured
-        alternately `rounds` times. This VM's speed drifts by 10-20% over minutes (shared host); a
-        ratio taken side by side cancels that, so rows measured an hour apart stay comparable."""
-        pruned, dense = [], []
-        for i in range(rounds):
-            dense.append(self.measure(self.dense, "dense-reference"))
-            pruned.append(self.measure(net, f"{label}{i}"))
-        pruned_ms, dense_ms = statistics.median(pruned), statistics.median(dense)
-        return pruned_ms / dense_ms, pruned_ms
+    def paired_ratio(self, path: Path) -> tuple[float, float]:
+        """(ratio, median ms): the network at `path` timed in turn with the dense network
+        (`deploy.side_by_side`: blocks of 10 runs, the profile's warm-up and iterations each); the
+        ratio is the median over block pairs of plan / dense. This VM's speed moves by 10-30% within
+        seconds, and alternating blocks cancel it (the measurements behind that are in
+        deploy/side_by_side.py). Counted as two measurements."""
+        shape = (self.profile.batch_size, *self.data.input_shape)
+        pair = time_side_by_side(self.backend, self._dense_path(), path, shape, warmup=self.profile.warmup,
+                                 iterations=self.profile.iterations)
+        self.measurements += 2
+        return pair.ratio, pair.subject_ms
+
+    def measure_ratio(self, net: torch.nn.Module, label: str) -> float:
+        """How the peers' searches read a plan: its latency over the dense network's, timed in turn
+        (`paired_ratio`). A budget in ms against a baseline timed earlier lets the host's drift
+        decide the plan; a ratio taken in alternating blocks cancels it."""
+        return self.paired_ratio(self._export(net, label))[0]
+
+    def measure_against_dense(self, net: torch.nn.Module, label: str,
+                              rounds: int = FINAL_ROUNDS) -> tuple[float, float]:
+        """(ratio, median ms): the verdict's reading, the median of `rounds` paired readings (fresh
+        sessions each), so rows an hour apart stay comparable."""
+        path = self._export(net, label)
+        readings = [self.paired_ratio(path) for _ in range(rounds)]
+        return statistics.median(r for r, _ in readings), statistics.median(ms for _, ms in readings)
 
     def prune(self, keep: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A pruned copy of the dense network keeping, per group, the top-`keep` channels by `scores`."""
@@ -155,3 +193,4 @@ class Cell:
         """MACs and parameters as torch-pruning counts them, the same counter for every method."""
         macs, params = tp.utils.count_ops_and_params(net.eval(), self.example_input)
         return float(macs), float(params)
+

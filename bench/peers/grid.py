@@ -1,10 +1,14 @@
 """Which rows a run covers, and running them resumably.
 
 A row is one method on one (model, data, seed) cell at one budget. Each finished row is saved as
-JSON under runs/bench/peers/rows/ (git-ignored), keyed by everything that decides its numbers
-(the recipe included), so an interrupted `make bench` continues where it stopped and
-`make bench-quick`'s rows count towards the full grid. The order is seed-major: a partial run
-covers every model and data set at seed 0 before it starts seed 1.
+JSON in its grid's store, keyed by everything that decides its numbers (the recipe included), so
+an interrupted run continues where it stopped. The full grid's store is bench/results/rows/, which
+is committed with the results: the rows behind every table can be read, and a grid that takes
+longer than one sitting resumes from a fresh clone. It holds the baselines the budgets were set
+from and each cell's training record too. `make bench-quick` keeps its rows under runs/ (ignored),
+so it always runs. Rows record the last commit that changed the code they ran (`code_commit`), so
+committing rows does not change the stamp of the rows that follow. The order is seed-major: a
+partial run covers every model and data set at seed 0 before it starts seed 1.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from bench.common import WORK, TrainRecipe, trained_weights, training_record_path, weights_path
+from bench.common import REPO, RESULTS, WORK, TrainRecipe, trained_weights, training_record_path, weights_path
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
 from compressor.job_config import SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
@@ -49,6 +53,7 @@ class Grid:
     budgets: tuple[float, ...]  # fractions of the measured baseline latency
     seeds: tuple[int, ...]
     methods: tuple[str, ...]
+    store: Path = ROOT / "rows"  # its rows, baselines.json and training records
 
     def cells(self) -> Iterable[tuple[int, str, str]]:
         for seed in self.seeds:
@@ -63,15 +68,15 @@ class Grid:
 ALL_METHODS = ("compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global", "halp-knapsack",
                "itpruner")
 FULL = Grid(models=("resnet20", "mobilenetv2", "resnet56"), data=("shapes", "digits"), budgets=(0.5, 0.7),
-            seeds=(0, 1, 2), methods=ALL_METHODS)
+            seeds=(0, 1, 2), methods=ALL_METHODS, store=RESULTS / "rows")
 QUICK = Grid(models=("resnet20",), data=("digits",), budgets=(0.5, 0.7), seeds=(0,), methods=ALL_METHODS)
 
 
-def row_path(method: str, model: str, data: str, budget: float, seed: int) -> Path:
+def row_path(method: str, model: str, data: str, budget: float, seed: int, store: Path) -> Path:
     recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}{train_recipe(model, data).tag()}"
     if method.startswith("compressor"):  # rows run the product's defaults: a changed default is a new row
         recipe += f"-sh{SHAPLEY_EVALUATIONS}x{SHAPLEY_MAX_CHANNELS}"
-    return ROOT / "rows" / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
+    return store / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
 
 
 def read_json(path: Path) -> dict | None:
@@ -82,32 +87,36 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def commit() -> str:
-    """The checkout's commit, "-dirty" when tracked files other than the bench's own outputs
-    (bench/results/, which every run rewrites) have uncommitted changes: such rows are not results."""
+# The code a row's numbers depend on: every tracked file but the tests, the docs and the results.
+CODE_PATHS = (":/", ":(exclude,top)bench/results", ":(exclude,top)tests", ":(exclude,glob)**/*.md")
+
+
+def code_commit(repo: Path = REPO) -> str:
+    """The last commit that changed the code (`CODE_PATHS`), "-dirty" when that code has uncommitted
+    changes: such rows are not results. A commit that only adds rows or edits docs keeps the stamp,
+    so a grid resumed after its rows were committed stays one run of one code."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
 
     try:
-        head = git("describe", "--always")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)bench/results")
+        head = git("log", "-1", "--format=%h", "--", *CODE_PATHS)
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{head}-dirty" if changed else head
+    return f"{head}-dirty" if changed else (head or "unknown")
 
 
-def baseline_ms(cell: Cell) -> float:
+def baseline_ms(cell: Cell, store: Path) -> float:
     """The dense architecture's measured latency for (model, data), measured once and kept: every
     seed and method gets the same budget in milliseconds (latency does not depend on weights)."""
-    path = ROOT / "baselines.json"
+    path = store / "baselines.json"
     known = read_json(path) or {}
     key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
     if key not in known:
         # The median of several measurements: every budget of every seed hangs on this number, and
         # one reading taken in a slow minute (MobileNetV2/digits read 2.52 ms once, against 2.16-2.42 ms
         # for the same network side by side later) makes every method "miss" a budget it met in ms.
-        readings = [cell.measure(cell.dense, "baseline") for _ in range(BASELINE_READINGS)]
+        readings = [cell.measure_dense() for _ in range(BASELINE_READINGS)]
         known[key] = {"latency_ms": statistics.median(readings), "readings_ms": readings, "measured_utc": _now(),
                       "device": cell.backend.device_name()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,21 +129,28 @@ def _now() -> str:
 
 
 def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accuracy: float) -> dict:
-    """One method at one budget: prune to the measured budget, fine-tune, measure the result."""
-    budget_ms = budget * base_ms
+    """One method at one budget: prune to the measured budget, fine-tune, measure the result.
+
+    Every latency in the row is read against the dense network measured beside it: the methods
+    search on such ratios (a fraction `budget` of the dense network), and the verdict is the ratio of
+    the fine-tuned result to the dense network timed in turn with it (`Cell.paired_ratio`). The row reports
+    `budget_ms` = fraction x the (model, data) baseline and its latency as that ratio x the same
+    baseline. Budgets in ms against a baseline timed hours earlier let the host's drift decide rows
+    (8 of 60 rows of one re-run flipped from met to missed against the committed run)."""
     clock = StageClock()
     before = cell.measurements
     started = time.perf_counter()
     row = {"method": method, "model": cell.model_name, "data": cell.data_name, "target": TARGET, "seed": cell.seed,
-           "budget_fraction": budget, "budget_ms": budget_ms, "baseline_ms": base_ms,
-           "dense_accuracy": dense_accuracy, "finetune_epochs": FINETUNE_EPOCHS, "commit": commit()}
+           "budget_fraction": budget, "budget_ms": budget * base_ms, "baseline_ms": base_ms,
+           "dense_accuracy": dense_accuracy, "dense_digest": cell.dense_digest(), "finetune_epochs": FINETUNE_EPOCHS,
+           "commit": code_commit()}
     try:
-        pruned = METHODS[method](cell, budget_ms, clock)
+        pruned = METHODS[method](cell, budget, clock)
     except Exception as exc:  # a peer that crashes is a result too: recorded, not hidden
         row.update({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6),
                     "wall_s": time.perf_counter() - started, "finished_utc": _now()})
         return row
-    row.update({"notes": pruned.notes, "probes": pruned.probes, "search_latency_ms": pruned.search_latency_ms})
+    row.update({"notes": pruned.notes, "probes": pruned.probes, "search_ratio": pruned.search_ratio})
     if pruned.model is None:
         row.update({"met": False, "latency_ms": None, "accuracy": None, "flops": None, "params": None})
     else:
@@ -159,16 +175,25 @@ def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accura
 def cached_rows(grid: Grid) -> list[dict]:
     """The rows of `grid` already run (error rows included: the report lists them), in grid order."""
     return [r for seed, model, data in grid.cells() for b in grid.budgets for m in grid.methods
-            if (r := read_json(row_path(m, model, data, b, seed))) is not None]
+            if (r := read_json(row_path(m, model, data, b, seed, grid.store))) is not None]
+
+
+def _weights(model: str, data: str, seed: int) -> Path:
+    return weights_path(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, recipe=train_recipe(model, data))
+
+
+def training_record_in_store(store: Path, weights: Path) -> Path:
+    """Where the store keeps a copy of `weights`' training record (the weights stay under runs/)."""
+    return store / f"train--{training_record_path(weights).name}"
 
 
 def training_records(grid: Grid) -> list[dict]:
-    """How long each of `grid`'s cells took to train its dense network (`train_s` None: trained
-    before the bench kept that record, or not trained yet)."""
+    """How long each of `grid`'s cells took to train its dense network, from the store's copy or
+    the weights' own record (`train_s` None: not trained yet, or trained before the record)."""
     out = []
     for seed, model, data in grid.cells():
-        weights = weights_path(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, recipe=train_recipe(model, data))
-        record = read_json(training_record_path(weights)) if weights.exists() else None
+        weights = _weights(model, data, seed)
+        record = read_json(training_record_in_store(grid.store, weights)) or read_json(training_record_path(weights))
         out.append({"model": model, "data": data, "seed": seed, "train_s": (record or {}).get("train_s")})
     return out
 
@@ -177,7 +202,7 @@ def run_grid(grid: Grid, log=print) -> None:
     """Run every row of `grid` that the row cache does not hold yet (error rows are run again);
     `cached_rows` reads them all back."""
     for seed, model, data in grid.cells():
-        paths = {(m, b): row_path(m, model, data, b, seed) for b in grid.budgets for m in grid.methods}
+        paths = {(m, b): row_path(m, model, data, b, seed, grid.store) for b in grid.budgets for m in grid.methods}
         done = {k: read_json(p) for k, p in paths.items()}
         done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
         if all(r is not None for r in done.values()):
@@ -187,7 +212,11 @@ def run_grid(grid: Grid, log=print) -> None:
         cell = Cell.open(model, data, seed, weights, target=TARGET,  # a new recipe's weights get a fresh folder
                          workdir=ROOT / "work" / f"{model}-{data}-s{seed}{recipe.tag()}",
                          finetune_epochs=FINETUNE_EPOCHS)
-        base = baseline_ms(cell)
+        record = read_json(training_record_path(weights))
+        if record is not None and not training_record_in_store(grid.store, weights).exists():
+            grid.store.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(training_record_in_store(grid.store, weights), json.dumps(record, indent=2) + "\n")
+        base = baseline_ms(cell, grid.store)
         dense_accuracy = cell.accuracy(cell.dense)
         for budget in grid.budgets:
             for method in grid.methods:

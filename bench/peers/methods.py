@@ -1,10 +1,12 @@
 """The methods compared, by name: a registry like timm's (name -> function).
 
-A method takes a cell and a measured latency budget (ms) and returns a `Pruned`: the network it
-delivers (fine-tuned by the harness unless the method's own job already did), the measured
-latency of its chosen plan, and its stage timings. The peers reach the budget by bisecting their
-own knob on measured latency (bisection.py); `compressor*` run the product's job, `compress()`,
-with its closed loop.
+A method takes a cell and a latency budget as a fraction of the dense network's measured latency
+(0.5: twice as fast) and returns a `Pruned`: the network it delivers (fine-tuned by the harness
+unless the method's own job already did), its chosen plan's reading, and its stage timings. The
+peers reach the budget by bisecting their own knob on latency measured beside the dense network
+(bisection.py, `Cell.measure_ratio`); `compressor*` run the product's job, `compress(speedup=1 /
+fraction)` as a user asks for "twice as fast", whose closed loop re-times its baseline after every
+plan.
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ MIN_KEEP_RATIO = 0.1  # compress's default floor, given to every method that has
 @dataclass
 class Pruned:
     model: torch.nn.Module | None  # None: no plan met the budget
-    search_latency_ms: float | None  # the chosen plan's measured latency before fine-tuning
+    search_ratio: float | None  # the chosen plan's latency over the dense network's, before fine-tuning
     finetuned: bool = False  # the method's own job fine-tuned it (compressor); else the harness does
     notes: list[str] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
-    extra_measurements: int = 0  # measurements made outside Cell.measure (compress's own job)
+    extra_measurements: int = 0  # measurements made outside the Cell (compress's own job)
     teacher_logits: str | None = None  # where compress's own fine-tune got them (report.json "finetune")
 
 
@@ -54,11 +56,12 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def _from_search(outcome: SearchOutcome, knob: str) -> Pruned:
-    probes = [{knob: round(p.knob, 6), "latency_ms": p.latency_ms} for p in outcome.probes]
+    probes = [{knob: round(p.knob, 6), "latency_ratio": p.reading} for p in outcome.probes]
     if outcome.model is None:
-        return Pruned(None, None, notes=[f"no {knob} met the budget; the smallest measured "
-                                          f"{min(p.latency_ms for p in outcome.probes):.4g} ms"], probes=probes)
-    return Pruned(outcome.model, outcome.latency_ms, probes=probes)
+        smallest = min(p.reading for p in outcome.probes)
+        return Pruned(None, None, notes=[f"no {knob} met the budget; the smallest measured {smallest:.3f} "
+                                          f"of the dense network's latency"], probes=probes)
+    return Pruned(outcome.model, outcome.reading, probes=probes)
 
 
 def _plan_key(keep: dict[str, int]) -> tuple:
@@ -66,7 +69,7 @@ def _plan_key(keep: dict[str, int]) -> tuple:
 
 
 @register("uniform-l1")
-def uniform_l1(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def uniform_l1(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """The same keep ratio in every group, L1-norm ranking; the ratio bisected on measured latency."""
     with clock("ranking"):
         scores = channel_scores(cell.dense, cell.groups, method="l1")
@@ -76,12 +79,12 @@ def uniform_l1(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
         return _plan_key(keep), lambda: cell.prune(keep, scores)
 
     with clock("search"):
-        outcome = bisect_measured(build, 1.0 / 64, 1.0, budget_ms, cell.measure, label="uniform")
+        outcome = bisect_measured(build, 1.0 / 64, 1.0, budget, cell.measure_ratio, label="uniform")
     return _from_search(outcome, "keep_ratio")
 
 
 @register("torch-pruning-global")
-def torch_pruning_global(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def torch_pruning_global(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """torch-pruning's global L1 magnitude pruner with its own MACs target, the target bisected."""
     with clock("ranking"):  # one progressive run per cell, shared by its budgets
         progressive = cell.memo.get("tp-progressive")
@@ -95,7 +98,7 @@ def torch_pruning_global(cell: Cell, budget_ms: float, clock: StageClock) -> Pru
         return widths(snapshot.model), lambda: snapshot.model
 
     with clock("search"):
-        outcome = bisect_measured(build, 1.0 / MAX_SPEEDUP, 1.0, budget_ms, cell.measure, label="tp")
+        outcome = bisect_measured(build, 1.0 / MAX_SPEEDUP, 1.0, budget, cell.measure_ratio, label="tp")
     pruned = _from_search(outcome, "macs_fraction")
     if pruned.model is not None:
         pruned.model = copy.deepcopy(pruned.model)  # the snapshot is shared with the cell's other budget
@@ -103,7 +106,7 @@ def torch_pruning_global(cell: Cell, budget_ms: float, clock: StageClock) -> Pru
 
 
 @register("itpruner")
-def itpruner(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def itpruner(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """ITPruner as published: nHSIC layer importance, SLSQP on ITPruner's linear objective under a
     FLOPs (MACs) constraint, any channel count, L1 within layers; the FLOPs target bisected."""
     with clock("importance"):
@@ -131,7 +134,7 @@ def itpruner(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
         return _plan_key(keep), lambda: cell.prune(keep, scores)
 
     with clock("search"):
-        outcome = bisect_measured(build, smallest / base, 1.0, budget_ms, cell.measure, label="itpruner")
+        outcome = bisect_measured(build, smallest / base, 1.0, budget, cell.measure_ratio, label="itpruner")
     return _from_search(outcome, "macs_fraction")
 
 
@@ -159,7 +162,7 @@ def latency_table(cell: Cell, clock: StageClock) -> LatencyModel:
 
 
 @register("halp-knapsack")
-def halp_knapsack(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def halp_knapsack(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """HALP: BN Taylor importance, top-k prefixes, progressive latency knapsack on the latency table;
     the knapsack's latency target bisected on measured latency like every other peer's knob."""
     table = latency_table(cell, clock)
@@ -178,7 +181,7 @@ def halp_knapsack(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
         return _plan_key(keep), lambda: cell.prune(keep, scores)
 
     with clock("search"):
-        outcome = bisect_measured(build, low_ms, full_ms, budget_ms, cell.measure, label="halp")
+        outcome = bisect_measured(build, low_ms, full_ms, budget, cell.measure_ratio, label="halp")
     pruned = _from_search(outcome, "table_target_ms")
     pruned.extra_measurements = table_builds(table)
     return pruned
@@ -188,14 +191,15 @@ def table_builds(table: LatencyModel) -> int:
     return int(table.provenance.get("variants", 0))
 
 
-def _compress_job(cell: Cell, budget_ms: float, clock: StageClock, *, importance: str, name: str) -> Pruned:
+def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: str, name: str) -> Pruned:
     """Run the product's job as a user would (`compress()`, default settings but the importance),
-    with the bench's fine-tune epochs; its own closed loop meets the budget."""
+    with the bench's fine-tune epochs; its own closed loop meets the budget, a speed-up over the
+    baseline it measures itself."""
     from compressor.api import compress, load_pruned_model
 
-    out = cell.workdir / f"{name}-{budget_ms:.6f}ms"
+    out = cell.workdir / f"{name}-b{budget * 100:g}"
     started = time.perf_counter()
-    report = compress(model=cell.model_name, data=cell.data_name, target=cell.profile.name, latency_ms=budget_ms,
+    report = compress(model=cell.model_name, data=cell.data_name, target=cell.profile.name, speedup=1.0 / budget,
                       weights=str(cell.weights), finetune_epochs=cell.finetune_epochs, seed=cell.seed,
                       importance=importance, out=str(out), force=True)
     wall = time.perf_counter() - started
@@ -218,24 +222,26 @@ def _compress_job(cell: Cell, budget_ms: float, clock: StageClock, *, importance
     if report["artifacts"].get("plan") is None:
         return Pruned(None, None, notes=report.get("notes", []), probes=probes, extra_measurements=extra)
     model = load_pruned_model(Path(out) / report["artifacts"]["plan"]).eval()
-    # what the loop chose by: the reading, normalised where the host had drifted
-    chosen = [e.get("normalised_latency_ms", e["measured_latency_ms"]) for e in loop
-              if e.get("measured_latency_ms") is not None]
-    search_ms = max((m for m in chosen if m <= budget_ms), default=None)
-    return Pruned(model, search_ms, finetuned=True, notes=report.get("notes", []), probes=probes,
+    # the plan the loop kept (report.loop marks it), read as it chose it: normalised where the host
+    # had drifted, over its own baseline
+    chosen = next(e for e in report["loop"] if e.get("chosen"))
+    search_ms = chosen.get("normalised_latency_ms", chosen["measured_latency_ms"])
+    baseline_ms = float(report["baseline"]["latency_ms"]["median"])
+    return Pruned(model, None if search_ms is None else search_ms / baseline_ms, finetuned=True,
+                  notes=report.get("notes", []), probes=probes,
                   extra_measurements=extra, teacher_logits=(report.get("finetune") or {}).get("teacher_logits"))
 
 
 @register("compressor")
-def compressor_default(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def compressor_default(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """This project's default: nHSIC allocation on the measured latency table, Shapley ranking."""
-    return _compress_job(cell, budget_ms, clock, importance="nhsic", name="compressor")
+    return _compress_job(cell, budget, clock, importance="nhsic", name="compressor")
 
 
 @register("compressor-concentration")
-def compressor_concentration(cell: Cell, budget_ms: float, clock: StageClock) -> Pruned:
+def compressor_concentration(cell: Cell, budget: float, clock: StageClock) -> Pruned:
     """Information concentration (rank + entropy) allocation with Shapley ranking."""
-    return _compress_job(cell, budget_ms, clock, importance="concentration", name="compressor-concentration")
+    return _compress_job(cell, budget, clock, importance="concentration", name="compressor-concentration")
 
 
 def check_methods(names: list[str]) -> None:

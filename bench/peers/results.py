@@ -280,9 +280,12 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
              "Every method starts from the same trained network, meets the same budget measured on the `cpu` target "
              "(ONNX Runtime, 1 thread, 50 warm-up + 300 timed runs, median), and gets the same fine-tune "
              f"({recipe['finetune_epochs']} epochs of distillation from the dense network after BatchNorm "
-             "re-estimation). The final latency is measured after fine-tuning, alternately with the dense "
-             "network (2 rounds each), and reported as that ratio times the baseline the budget was set from: "
-             "this VM drifts by 10-20% over minutes, and a side-by-side ratio cancels it. `met` counts the "
+             "re-estimation). The final latency is measured after fine-tuning, in turn with the dense network "
+             "(blocks of 10 runs each, alternating, 300 runs each; the median of 3 such readings), and reported "
+             "as that ratio times the baseline the budget was set from: this VM's speed moves by 10-30% within "
+             "seconds, and a ratio taken in alternating blocks cancels it. The peers' bisections read every plan "
+             "the same way; `compress` gets the budget as a speed-up over its own baseline, which its closed "
+             "loop re-times after every plan. `met` counts the "
              "seeds whose final latency is within the budget. Accuracy: validation split, mean ± std over "
              "seeds; **bold** is the best among methods that met the budget on every seed.", ""]
     lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary) + time_markdown(cost)
