@@ -5,7 +5,7 @@ measurement by 10-50 % for a while. A plan timed in such a window tells the clos
 latency model is that much too optimistic, and the next plan is cut far below the budget: the peer
 bench once met a 50 % budget at 28 % of the baseline that way (bench/peers/findings.md).
 
-So the loop re-times the dense baseline right after each plan. `host_drift` is that time over the
+So the loop times each plan side by side with the dense baseline (alternating blocks). `host_drift` is that time over the
 baseline's own reading at the start of the job: 1.0 on a steady host, 1.3 when everything runs
 30 % slower. Past `DRIFT_TOLERANCE` the plan's reading is divided by the drift before it corrects
 the latency model or decides the acceptance band; the report keeps both numbers. The delivered
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.backends.base import Backend, check_input_shape, fixed_input
+from deploy.side_by_side import time_runners_side_by_side
 
 # A steady host repeats a median within 1-2 % (ONNX Runtime, one thread, 2-core VM); 5 % is past
 # that noise, and below the 10 % guard band of the loop's acceptance window.
@@ -87,3 +88,18 @@ class DriftProbe:
     def reading(self, latency_ms: float) -> Reading:
         """`latency_ms`, just measured, with the drift checked right after it."""
         return Reading(float(latency_ms), self.drift())
+
+    def plan_reading(self, plan_path: str | os.PathLike) -> Reading:
+        """A plan timed side by side with the baseline (alternating blocks, `deploy.side_by_side`):
+        its median, and the drift from the baseline's blocks taken in between. Timing the plan and
+        then the baseline sees two moments of the host; alternating blocks see the same ones. One
+        MobileNetV2 job timed its baseline in a slow moment (2.66 ms against 2.32 side by side later),
+        so its sequential drift checks read ~1 and a plan 0.73x the baseline passed as 0.62x."""
+        reference, x = self._open()
+        runner = self.backend.runner_at(plan_path, self.input_shape)
+        check_input_shape(runner.input_shape, self.input_shape, what=Path(plan_path).name)
+        pair = time_runners_side_by_side(self.backend, reference, runner, x, warmup=self.warmup,
+                                         iterations=self.iterations)
+        drift = pair.reference_ms / self.reference_ms
+        self.checks.append(drift)
+        return Reading(pair.subject_ms, drift)

@@ -395,14 +395,30 @@ def predicted_label(model: LatencyModel) -> str:
     return f"predicted from a table measured on {p.get('device', 'an unknown device')} at {p.get('measured_at', '?')}"
 
 
+def measure_beside_baseline(ctx: JobContext, probe: DriftProbe, model: torch.nn.Module, path: Path,
+                            label: str) -> Reading:
+    """A loop plan exported and timed side by side with the baseline (`DriftProbe.plan_reading`)."""
+    export_for_target(ctx.backend, model, ctx.example_input, path)
+    started = time.perf_counter()
+    reading = probe.plan_reading(path)
+    ctx.timings["measure"] += time.perf_counter() - started
+    log.info("measured %s beside the baseline: median %.4f ms, host drift %.3f", label, reading.latency_ms,
+             reading.host_drift)
+    if reading.drifted:
+        ctx.console.warn(f"{label}: the baseline, timed in turn with it, ran {reading.host_drift - 1:+.0%} against its "
+                         f"first reading; the host is busy or its clocks moved")
+    return reading
+
+
 def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, ranking: ChannelRanking, budget_ms: float,
                    workdir: Path, latency_model: LatencyModel, probe: DriftProbe | None = None) -> SearchResult:
     """The closed loop for a latency budget: solve on the latency model, prune, build, measure, correct.
 
     Each iteration solves against the model corrected by the last measurement (CorrectedLatency),
     so a miss moves the next plan by the measured error. Predicted-only jobs (no device here) stop
-    after the first solve: there is nothing to measure. `probe` re-times the baseline after each
-    plan, so a reading taken while the host was busy is normalised before it corrects the model.
+    after the first solve: there is nothing to measure. With a `probe`, each plan is timed side by
+    side with the baseline, so a reading taken while the host was busy (or against a baseline first
+    timed in a slow moment) is normalised before it corrects the model.
     """
     alignment = latency_model.grids_for_solver(ctx.grid.per_group(groups))
     min_keep = minimum_keep(groups, ctx.config.min_keep_ratio, alignment)
@@ -433,8 +449,11 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
 
     def measure(keep: dict[str, int], iteration: int) -> Reading:
         pruned = apply_plan(copy.deepcopy(ctx.model), ctx.example_input, ranking.plan(keep, refine=False))
-        measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx", f"iteration {iteration}")
-        return check_drift(ctx, probe, measured.latency.median_ms, f"iteration {iteration}")
+        if probe is None:
+            measured = export_and_measure(ctx, pruned, workdir / f"iteration{iteration}.onnx", f"iteration {iteration}")
+            return Reading(measured.latency.median_ms)
+        return measure_beside_baseline(ctx, probe, pruned, workdir / f"iteration{iteration}.onnx",
+                                       f"iteration {iteration}")
 
     def show(entry: dict) -> None:
         if entry["measured_latency_ms"] is not None:

@@ -18,6 +18,9 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from deploy.backends.base import Backend, check_input_shape, fixed_input
 
@@ -51,17 +54,24 @@ def time_side_by_side(backend: Backend, reference: str | os.PathLike, subject: s
     """Time `subject` in turn with `reference` (model files the backend runs): `warmup` untimed runs
     of each, then `iterations // block_runs` pairs of blocks (at least one). Each block is timed by
     the backend's own clock (`time_runner`: CUDA events where it has them)."""
-    if block_runs < 1 or iterations < 1 or warmup < 0:
-        raise ValueError(f"need block_runs >= 1, iterations >= 1, warmup >= 0 (got {block_runs}, {iterations}, "
-                         f"{warmup})")
     shape = tuple(int(d) for d in input_shape)
-    x = fixed_input(shape)
     runners = []
     for path in (reference, subject):
         runner = backend.runner_at(path, shape)
         check_input_shape(runner.input_shape, shape, what=Path(path).name)
         runners.append(runner)
-    for runner in runners:
+    return time_runners_side_by_side(backend, runners[0], runners[1], fixed_input(shape), warmup=warmup,
+                                     iterations=iterations, block_runs=block_runs)
+
+
+def time_runners_side_by_side(backend: Backend, reference: Any, subject: Any, x: np.ndarray, *, warmup: int,
+                              iterations: int, block_runs: int = BLOCK_RUNS) -> SideBySide:
+    """`time_side_by_side` on runners already open (a caller that times many subjects against one
+    reference keeps the reference's runner, and TensorRT builds its engine once)."""
+    if block_runs < 1 or iterations < 1 or warmup < 0:
+        raise ValueError(f"need block_runs >= 1, iterations >= 1, warmup >= 0 (got {block_runs}, {iterations}, "
+                         f"{warmup})")
+    for runner in (reference, subject):
         for _ in range(warmup):
             runner.run(x)
 
@@ -71,7 +81,7 @@ def time_side_by_side(backend: Backend, reference: str | os.PathLike, subject: s
 
     ref_ms, sub_ms, ratios = [], [], []
     for _ in range(max(1, iterations // block_runs)):
-        r, s = block(runners[0]), block(runners[1])
+        r, s = block(reference), block(subject)
         ref_ms.append(r)
         sub_ms.append(s)
         ratios.append(s / r)

@@ -86,6 +86,26 @@ def test_probe_sees_a_busy_host_on_one_open_runner(tiny_onnx):
     assert probe.checks == [quiet, busy.host_drift]
 
 
+def test_a_plan_timed_beside_a_baseline_first_read_in_a_slow_moment_is_normalised(tiny_onnx):
+    """The baseline's first reading was taken while the host was busy; the plans are timed later, on a
+    quiet host, in alternating blocks with the baseline. The drift (baseline now / first reading)
+    comes out well below 1, and the plan's reading is scaled up to the slow baseline's speed,
+    instead of passing as faster than it is."""
+    host = _Host()
+    backend = _SharedHostOrt(host)
+    host.busy = True
+    probe = _probe(backend, tiny_onnx)  # the reference: 3 ms of sleep per run
+    host.busy = False
+    first, second = probe.plan_reading(tiny_onnx), probe.plan_reading(tiny_onnx)
+    for reading in (first, second):
+        assert reading.host_drift < 0.75 and reading.drifted  # 1 ms of sleep per run now, not 3
+        assert reading.normalised_ms == pytest.approx(reading.latency_ms / reading.host_drift)
+        assert reading.normalised_ms > 1.3 * reading.latency_ms
+    assert probe.checks == [first.host_drift, second.host_drift]
+    # one runner for the reference measurement, one kept by the probe, one per plan
+    assert backend.opened == 4
+
+
 def test_probe_needs_a_positive_reference(tiny_onnx):
     with pytest.raises(ValueError, match="positive"):
         DriftProbe(OnnxRuntimeCPU(), tiny_onnx, SHAPE, 0.0, warmup=1, iterations=1, max_cv=0.1)
