@@ -210,10 +210,11 @@ def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: s
     clock.seconds["other"] = clock.seconds.get("other", 0.0) + max(0.0, wall - sum(timings.values()))
     loop = [e for e in report["loop"] if e.get("iteration") != "final"]
     measured = sum(1 for e in loop if e.get("measured_latency_ms") is not None)
-    drift_checks = sum(1 for e in report["loop"] if e.get("host_drift") is not None)  # the baseline re-timed
+    drift_checks = sum(1 for e in report["loop"] if e.get("host_drift") is not None)  # the baseline beside them
     table_info = report.get("latency_model") or {}
+    verdict_pair = 2 if report["compressed"].get("speedup") else 0  # the final speed-up, timed side by side
     # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
-    extra = 2 + measured + drift_checks + int(table_info.get("provenance", {}).get("variants", 0))
+    extra = 2 + measured + drift_checks + verdict_pair + int(table_info.get("provenance", {}).get("variants", 0))
     probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
                "latency_ms": e.get("measured_latency_ms"),
                **({"host_drift": e["host_drift"]} if "host_drift" in e else {}),
