@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.backends.base import Backend, check_input_shape, fixed_input
-from deploy.side_by_side import time_runners_side_by_side
+from deploy.side_by_side import SideBySide, time_runners_side_by_side
 
 # A steady host repeats a median within 1-2 % (ONNX Runtime, one thread, 2-core VM); 5 % is past
 # that noise, and below the 10 % guard band of the loop's acceptance window.
@@ -89,17 +89,22 @@ class DriftProbe:
         """`latency_ms`, just measured, with the drift checked right after it."""
         return Reading(float(latency_ms), self.drift())
 
-    def plan_reading(self, plan_path: str | os.PathLike) -> Reading:
-        """A plan timed side by side with the baseline (alternating blocks, `deploy.side_by_side`):
-        its median, and the drift from the baseline's blocks taken in between. Timing the plan and
-        then the baseline sees two moments of the host; alternating blocks see the same ones. One
-        MobileNetV2 job timed its baseline in a slow moment (2.66 ms against 2.32 side by side later),
-        so its sequential drift checks read ~1 and a plan 0.73x the baseline passed as 0.62x."""
+    def side_by_side(self, model_path: str | os.PathLike) -> SideBySide:
+        """`model_path` timed in turn with the baseline on the probe's open runner (alternating blocks,
+        `deploy.side_by_side`); the baseline's blocks count as a drift check."""
         reference, x = self._open()
-        runner = self.backend.runner_at(plan_path, self.input_shape)
-        check_input_shape(runner.input_shape, self.input_shape, what=Path(plan_path).name)
+        runner = self.backend.runner_at(model_path, self.input_shape)
+        check_input_shape(runner.input_shape, self.input_shape, what=Path(model_path).name)
         pair = time_runners_side_by_side(self.backend, reference, runner, x, warmup=self.warmup,
                                          iterations=self.iterations)
-        drift = pair.reference_ms / self.reference_ms
-        self.checks.append(drift)
-        return Reading(pair.subject_ms, drift)
+        self.checks.append(pair.reference_ms / self.reference_ms)
+        return pair
+
+    def plan_reading(self, plan_path: str | os.PathLike) -> Reading:
+        """A plan timed side by side with the baseline: its median, and the drift from the baseline's
+        blocks taken in between. Timing the plan and then the baseline sees two moments of the host;
+        alternating blocks see the same ones. One MobileNetV2 job timed its baseline in a slow moment
+        (2.66 ms against 2.32 side by side later), so its sequential drift checks read ~1 and a plan
+        0.73x the baseline passed as 0.62x."""
+        pair = self.side_by_side(plan_path)
+        return Reading(pair.subject_ms, pair.reference_ms / self.reference_ms)

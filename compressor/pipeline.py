@@ -48,7 +48,7 @@ from deploy.backends.base import Backend, Measurement
 from deploy.errors import DeviceUnavailable
 from deploy.onnx_export import check_parity
 from deploy.profiles import TargetProfile, load_profile
-from deploy.side_by_side import SideBySide, time_side_by_side
+from deploy.side_by_side import SideBySide
 from deploy.sidecar import deployment_sidecar, write_sidecar
 from deploy.target_check import check_target_available
 
@@ -527,15 +527,14 @@ def build_and_measure_deliverable(ctx: JobContext, onnx_path: Path, budget_ms: f
     return (built.name if built else None), measured
 
 
-def measure_speedup(ctx: JobContext, baseline_path: Path, deliverable: Path) -> SideBySide:
+def measure_speedup(ctx: JobContext, probe: DriftProbe, deliverable: Path) -> SideBySide:
     """The delivered model timed in turn with the baseline (alternating blocks): the verdict of a
     `--speedup` budget. A speedup is a ratio, and a ratio taken side by side cancels the host's
     drift; the delivered model's own reading against the baseline's from the start of the job does
     not (a CI runner that slowed 9% in between failed a plan that was 1.5x faster)."""
     started = time.perf_counter()
     with ctx.console.stage("timing the compressed model side by side with the baseline"):
-        pair = time_side_by_side(ctx.backend, baseline_path, deliverable, (ctx.batch_size, *ctx.input_shape),
-                                 warmup=ctx.warmup, iterations=ctx.iterations)
+        pair = probe.side_by_side(deliverable)  # the baseline's runner the loop kept open
     ctx.timings["measure"] += time.perf_counter() - started
     log.info("side by side: %.4f ms vs baseline %.4f ms over %d blocks, speedup %.3fx",
              pair.subject_ms, pair.reference_ms, pair.blocks, pair.speedup)
@@ -734,8 +733,8 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     engine, final_measurement = build_and_measure_deliverable(
         ctx, onnx_path, budget_value if budget_kind == "latency_ms" and search.loop and not by_speedup else None,
         probe)
-    speedup = (measure_speedup(ctx, workdir / "baseline.onnx", out / engine if engine else onnx_path)
-               if by_speedup and final_measurement is not None else None)
+    speedup = (measure_speedup(ctx, probe, out / engine if engine else onnx_path)
+               if by_speedup and final_measurement is not None and probe is not None else None)
     accuracy = onnx_accuracy(ctx, onnx_path)
     weights = save_pruned(pruned, plan, out, model_spec=config.model, num_classes=data.num_classes,
                           in_channels=data.in_channels, input_shape=list(ctx.input_shape))
