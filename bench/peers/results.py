@@ -284,8 +284,8 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
              "(blocks of 10 runs each, alternating, 300 runs each; the median of 3 such readings), and reported "
              "as that ratio times the baseline the budget was set from: this VM's speed moves by 10-30% within "
              "seconds, and a ratio taken in alternating blocks cancels it. The peers' bisections read every plan "
-             "the same way; `compress` gets the budget as a speed-up over its own baseline, which its closed "
-             "loop re-times after every plan. `met` counts the "
+             "the same way; `compress` gets the budget as a speed-up over its own baseline, and its closed "
+             "loop times every plan side by side with that baseline. `met` counts the "
              "seeds whose final latency is within the budget. Accuracy: validation split, mean ± std over "
              "seeds; **bold** is the best among methods that met the budget on every seed.", ""]
     lines += ["## Headline", ""] + headline_markdown(summary) + wins_markdown(summary) + time_markdown(cost)
