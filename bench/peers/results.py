@@ -245,8 +245,8 @@ def time_markdown(cost: dict) -> list[str]:
     if cost["total_s"] is not None:
         lines.append(f"- **Total: {cost['total_s'] / 3600:.2f} h** on this machine (rows + training, as measured).")
     else:
-        lines.append(f"- Total: unknown; {cost['cells_training_unknown']} cells' networks were trained before the "
-                     "bench recorded training time.")
+        lines.append(f"- Total: unknown; {cost['cells_training_unknown']} cells have no training record (not trained "
+                     "yet, or trained before the bench recorded training time).")
     return lines + [""]
 
 
