@@ -66,7 +66,8 @@ def _stdout() -> Console:
 @click.option("--importance", type=click.Choice(["nhsic", "concentration", "fused", "uniform"]),
               help="layer importance: nhsic (ITPruner, default), concentration (rank + entropy), fused (both), uniform")
 @click.option("--beta-per-layer", type=float,
-              help="nHSIC sharpness per scored layer: beta = this x layers (default 18.5 = ITPruner's 500 / 27)")
+              help="nHSIC sharpness per scored layer: beta = this x layers (default 2 with "
+                   "--utility log; 18.5, ITPruner's 500 / 27, with linear)")
 @click.option("--nhsic-estimator", type=click.Choice(["biased", "debiased"]),
               help="nHSIC estimator: biased (ITPruner's, default) or debiased (unbiased HSIC)")
 @click.option("--concentration-weight", type=float,

@@ -39,6 +39,14 @@ SHAPLEY_EVALUATIONS = 30
 # 9,128 prunable channels (ResNet-56: 1,120) and its initial pass had not finished after 16 minutes
 # on the 2-core CPU. 0: no limit.
 SHAPLEY_MAX_CHANNELS = 128
+# nHSIC sharpness per scored layer (beta = this x layers), by the solver's utility. `linear` is
+# ITPruner's program and keeps its published 18.5 (ResNet-56: 500 / 27); a linear objective only
+# orders groups by alpha / cost. Under `log`, the default, the solver keeps x_g in proportion to
+# alpha_g / cost, so alpha must span about the keep range (0.1 to 1). At 18.5 it spanned 1e4 on
+# ResNet-20/shapes and 3e5 on ResNet-56/shapes, and pinned whole residual stages to the floor
+# (bench/peers/findings.md); at 2 it spans 3-4x there. ResNet-20/shapes at half the latency, seeds
+# 0-2, 3-epoch fine-tune: 63.0% at 18.5, 75.4% at 5, 77.9% at 2 (digits, seeds 0-1: 98.7% at all three).
+BETA_PER_LAYER = {"linear": 18.5, "log": 2.0}
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class JobConfig:
     calib_size: int = 256
     seed: int = 0
     importance: str = "nhsic"
-    beta_per_layer: float = 18.5
+    beta_per_layer: float = BETA_PER_LAYER["log"]
     nhsic_estimator: str = "biased"
     concentration_weight: float = 0.5
     ranking: str = "shapley"
@@ -251,7 +259,6 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
     importance = str(merged.get("importance", "nhsic"))
     if importance not in IMPORTANCE_METHODS:
         raise BadInput(f"--importance: unknown {importance!r}; choose from {', '.join(IMPORTANCE_METHODS)}")
-    beta_per_layer = _number(merged, "beta_per_layer", 18.5, low=0.0)
     nhsic_estimator = str(merged.get("nhsic_estimator", "biased"))
     if nhsic_estimator not in NHSIC_ESTIMATORS:
         raise BadInput(f"--nhsic-estimator: unknown {nhsic_estimator!r}; choose from {', '.join(NHSIC_ESTIMATORS)}")
@@ -262,6 +269,7 @@ def build_job_config(flags: Mapping[str, Any], *, config_path: Path = Path("comp
     utility = str(merged.get("utility", "log"))
     if utility not in UTILITIES:
         raise BadInput(f"--utility: unknown {utility!r}; choose from {', '.join(UTILITIES)}")
+    beta_per_layer = _number(merged, "beta_per_layer", BETA_PER_LAYER[utility], low=0.0)
     min_keep_ratio = float(merged.get("min_keep_ratio", 0.1))
     if not 0 < min_keep_ratio <= 1:
         raise BadInput(f"--min-keep-ratio must be in (0, 1], got {min_keep_ratio}")

@@ -210,3 +210,28 @@ def test_budget_is_used_even_when_the_utility_optimum_leaves_a_gap(utility):
     assert alloc.success
     assert 0.97 * budget <= alloc.cost <= budget
     assert alloc.keep["stem"] == 6
+
+
+@pytest.mark.parametrize("spread", [0.5, 0.7])
+def test_default_nhsic_sharpness_starves_no_group_that_cost_alone_would_not(spread):
+    # ITPruner's alpha = exp(-beta_per_layer * L t). On the bench's networks L t spread over about
+    # 0.5 (ResNet-20/shapes) to 0.7 (ResNet-56/shapes); at ITPruner's 18.5 that is a factor of 1e4 to
+    # 4e5, and under the log utility the solver keeps x_g in proportion to alpha_g: groups pile up at
+    # the floor. The default for log must leave only the groups the cost alone would floor there.
+    from compressor.job_config import BETA_PER_LAYER
+    n = 13
+    channels = np.array([16] * 5 + [32] * 4 + [64] * 4)
+    _, cost, _ = chain_network(n, seed=0)
+    similarity = np.linspace(1 - spread / 2, 1 + spread / 2, n)[np.random.default_rng(1).permutation(n)]
+    floor = np.ceil(0.1 * channels)
+
+    def floored(beta_per_layer: float) -> int:
+        alpha = np.exp(-beta_per_layer * similarity)
+        alloc = solve_allocation([f"g{i}" for i in range(n)], list(channels), alpha / alpha.max(), [True] * n,
+                                 cost, 0.5 * cost(channels), min_keep_ratio=0.1, utility="log")
+        assert alloc.success and alloc.cost <= 0.5 * cost(channels)
+        return int(sum(alloc.keep[f"g{i}"] <= floor[i] for i in range(n)))
+
+    by_cost = floored(0.0)
+    assert floored(BETA_PER_LAYER["log"]) == by_cost
+    assert floored(BETA_PER_LAYER["linear"]) > by_cost  # why the log utility needs its own default

@@ -111,3 +111,13 @@ def test_shapley_is_the_default_ranking_with_documented_settings(tmp_path):
 def test_bad_shapley_settings_are_one_line_errors(tmp_path, key, value):
     with pytest.raises(BadInput, match="--" + key.replace("_", "-")):
         build_job_config(_flags(flops="10M", **{key: value}), config_path=tmp_path / "none.yaml")
+
+
+def test_nhsic_sharpness_default_follows_the_utility(tmp_path):
+    from compressor.job_config import BETA_PER_LAYER
+    none = tmp_path / "none.yaml"
+    assert build_job_config(_flags(speedup=2), config_path=none).beta_per_layer == BETA_PER_LAYER["log"]
+    linear = build_job_config(_flags(speedup=2, utility="linear"), config_path=none)
+    assert linear.beta_per_layer == BETA_PER_LAYER["linear"] == 18.5  # ITPruner's published ResNet-56 value
+    assert build_job_config(_flags(speedup=2, beta_per_layer=7.0), config_path=none).beta_per_layer == 7.0
+    assert BETA_PER_LAYER["log"] < BETA_PER_LAYER["linear"]

@@ -24,7 +24,7 @@ from typing import Iterable
 from bench.common import REPO, RESULTS, WORK, TrainRecipe, trained_weights, training_record_path, weights_path
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
-from compressor.job_config import SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
+from compressor.job_config import BETA_PER_LAYER, SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
 from deploy.atomic_io import atomic_write_text
 
 TARGET = "cpu"
@@ -76,6 +76,8 @@ def row_path(method: str, model: str, data: str, budget: float, seed: int, store
     recipe = f"ft{FINETUNE_EPOCHS}-tr{TRAIN_EPOCHS[data]}{train_recipe(model, data).tag()}"
     if method.startswith("compressor"):  # rows run the product's defaults: a changed default is a new row
         recipe += f"-sh{SHAPLEY_EVALUATIONS}x{SHAPLEY_MAX_CHANNELS}"
+    if method == "compressor":  # nHSIC's sharpness under the default utility (18.5 until 2026-12-06)
+        recipe += f"-beta{BETA_PER_LAYER['log']:g}"
     return store / f"{method}--{model}--{data}--b{round(budget * 100)}--s{seed}--{recipe}.json"
 
 
