@@ -366,3 +366,25 @@ def test_a_row_is_judged_beside_the_dense_network_not_against_a_stale_baseline(d
         assert all(0 < p["latency_ratio"] < 1.5 for p in row["probes"])
         # every probe is two measurements (the dense network, then the plan); the verdict 3 rounds of two
         assert row["measurements"] == 2 * len(row["probes"]) + 2 * 3
+
+
+def test_beta_sweep_compares_the_committed_default_with_each_beta(tmp_path, monkeypatch):
+    from bench.peers import beta_sweep
+    from bench.peers import grid as grids
+    monkeypatch.setattr(beta_sweep, "STORE", tmp_path)
+    monkeypatch.setattr(beta_sweep, "METHODS", dict(METHODS))  # the registry itself stays the six
+    name = beta_sweep.register(5.0)
+    assert name == "compressor-beta5" and name in beta_sweep.METHODS and name not in METHODS
+    # one seed of one setting run at beta 5: the setting is not averaged until every seed is in
+    row = {"accuracy": 0.5, "met": True}
+    (tmp_path / grids.row_path(name, "resnet20", "shapes", 0.5, 0, tmp_path).name).write_text(json.dumps(row))
+    lines = beta_sweep.table([5.0])
+    body = lines[2:]
+    assert len(body) == len(grids.FULL.models) * len(grids.FULL.data) * len(grids.FULL.budgets)
+    r20 = next(ln for ln in body if ln.startswith("| resnet20 | shapes | 50% |"))
+    default, beta5 = [c.strip() for c in r20.strip("|").split("|")][3:]
+    assert beta5 == "1/3 seeds"
+    # the default column is the committed rows' mean over seeds
+    rows = [grids.read_json(grids.row_path("compressor", "resnet20", "shapes", 0.5, s, grids.FULL.store))
+            for s in grids.FULL.seeds]
+    assert float(default.split()[0]) == pytest.approx(100 * np.mean([r["accuracy"] for r in rows]), abs=0.05)

@@ -191,9 +191,10 @@ def table_builds(table: LatencyModel) -> int:
     return int(table.provenance.get("variants", 0))
 
 
-def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: str, name: str) -> Pruned:
-    """Run the product's job as a user would (`compress()`, default settings but the importance),
-    with the bench's fine-tune epochs; its own closed loop meets the budget, a speed-up over the
+def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: str, name: str,
+                  **options) -> Pruned:
+    """Run the product's job as a user would (`compress()`, default settings but the importance and
+    `options`, e.g. beta_per_layer for bench/peers/beta_sweep.py), with the bench's fine-tune epochs; its own closed loop meets the budget, a speed-up over the
     baseline it measures itself."""
     from compressor.api import compress, load_pruned_model
 
@@ -201,7 +202,7 @@ def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: s
     started = time.perf_counter()
     report = compress(model=cell.model_name, data=cell.data_name, target=cell.profile.name, speedup=1.0 / budget,
                       weights=str(cell.weights), finetune_epochs=cell.finetune_epochs, seed=cell.seed,
-                      importance=importance, out=str(out), force=True)
+                      importance=importance, out=str(out), force=True, **options)
     wall = time.perf_counter() - started
     timings = dict(report["timings_s"])
     timings.pop("total", None)
