@@ -10,6 +10,7 @@ bench/results/nhsic_beta.md. Run it alone: other work on a 2-core machine distor
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--betas must be >= 0", file=sys.stderr)
         return 2
     names = tuple(register(b) for b in args.betas)
+    # The grid's latency tables and Shapley passes (`python -m bench.peers` keeps them there too):
+    # without them every cell pays its Shapley initial pass again (MobileNetV2/shapes: 520 s a row).
+    os.environ.setdefault("COMPRESS_CACHE_DIR", str(grids.ROOT / "cache"))
     # The same budgets in ms as the grid: its measured baselines, not new ones.
     STORE.mkdir(parents=True, exist_ok=True)
     if not (STORE / "baselines.json").exists() and (grids.FULL.store / "baselines.json").exists():
