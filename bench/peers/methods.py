@@ -194,8 +194,8 @@ def table_builds(table: LatencyModel) -> int:
 def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: str, name: str,
                   **options) -> Pruned:
     """Run the product's job as a user would (`compress()`, default settings but the importance and
-    `options`, e.g. beta_per_layer for bench/peers/beta_sweep.py), with the bench's fine-tune epochs; its own closed loop meets the budget, a speed-up over the
-    baseline it measures itself."""
+    `options`, e.g. beta_per_layer for bench/peers/beta_sweep.py), with the bench's fine-tune
+    epochs; its own closed loop meets the budget, a speed-up over the baseline it measures itself."""
     from compressor.api import compress, load_pruned_model
 
     out = cell.workdir / f"{name}-b{budget * 100:g}"
