@@ -23,8 +23,10 @@ Depth-independent beta: ``beta = beta_per_layer * L`` for L scored layers. t_i a
 the average one) does not depend on depth. ITPruner's published settings in this form
 (MAC-AutoML/ITPruner run scripts): ResNet-56/CIFAR 500 over 27 blocks = 18.5;
 MobileNetV1 233..243 over 14 = 16.6..17.4; ResNet-20/CIFAR 246 over 9 = 27.3; ResNet-50
-2000 over 37 widths = 54. The default, 18.5, is ResNet-56's: a layer whose mean similarity
-is 10 % above average gets exp(-1.85) = 0.16 x the score of an average one.
+2000 over 37 widths = 54. This module's default, 18.5, is ResNet-56's: a layer whose mean
+similarity is 10 % above average gets exp(-1.85) = 0.16 x the score of an average one. It suits
+ITPruner's linear objective; `compress` under its default log utility uses 2
+(`compressor.job_config.BETA_PER_LAYER`, which says why).
 
 Layers and groups: every criterion scores *layers* (each BatchNorm output, after the ReLU),
 and a group's score is the sum over the layers whose width it controls (`group_layers`),
