@@ -1,7 +1,8 @@
 """The closed loop for a latency budget: solve on the latency model, build, measure, correct, re-solve.
 
-Each iteration solves against the model corrected by the last measurement (`CorrectedLatency`),
-so a miss moves the next plan by the measured error. A reading taken while the host ran slower
+Each iteration solves against the model corrected by every plan measured so far
+(`CorrectedLatency`): one miss rescales the model; once plans on both sides of the budget are
+measured, the next one is aimed between them. A reading taken while the host ran slower
 than when the baseline was timed is normalised by that drift first (`compressor.host_drift`).
 It stops at the first plan measured inside
 the acceptance band, or after `max_iterations`. The pipeline (`search_latency`) and the latency
@@ -70,8 +71,9 @@ def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
             allocation = solve(corrected.predict, target_ms)
         keep_vec = np.array([allocation.keep[n] for n in order])
         predicted, raw = corrected.predict(keep_vec), model.predict(keep_vec)
+        factor = predicted / raw if raw > 0 else 1.0  # the correction this plan's prediction carries
         entry: dict[str, Any] = {"iteration": iteration, "predicted_latency_ms": predicted,
-                                 "raw_predicted_latency_ms": raw, "correction_factor": corrected.factor,
+                                 "raw_predicted_latency_ms": raw, "correction_factor": factor,
                                  "measured_latency_ms": None, **(describe(keep_vec) if describe else {}),
                                  "solver": allocation.solver}
         if measure is None:
@@ -83,7 +85,7 @@ def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
         if not isinstance(reading, Reading):
             reading = Reading(float(reading))
         latency = reading.normalised_ms  # as measured unless the host drifted past the tolerance
-        corrected.correct(keep_vec, latency)  # the next solve sees the model moved by this miss
+        corrected.correct(keep_vec, latency)  # the next solve sees the model moved by this reading
         entry.update({"measured_latency_ms": reading.latency_ms, "error_pct": 100.0 * (predicted - latency) / latency,
                       "in_band": in_band(latency, budget_ms)})
         if reading.host_drift is not None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import isotonic_regression, nnls
 
 from compressor.channel_grid import ChannelGrid
 from compressor.errors import BadInput
@@ -606,21 +606,60 @@ def fit_whole_network(group_names: list[str], channels: list[int], samples: Sequ
 class CorrectedLatency:
     """A latency model plus the closed loop's correction from measured plans.
 
-    After each measurement the prediction is rescaled by measured / predicted at that plan. The
-    loop's plans sit close together (all near the budget), so the latest ratio is the best local
-    correction; the raw model still decides the shape of the trade-off between groups.
+    The correction maps the model's prediction (raw ms) to what the device measured: a monotone
+    piecewise-linear curve through the measured plans (raw ms -> measured ms, isotonic so that a
+    noisy pair cannot make a larger plan predict faster), extended past the end points by those
+    points' own measured / raw ratios. With one measurement that is a single rescaling factor; once
+    plans on both sides of the budget are measured, a prediction between them is interpolated (a
+    secant, the way a bisection on measured latency closes in).
+
+    Why not one factor from the latest plan: the model's error is not the same for every plan.
+    ResNet-56/shapes on the cpu target (bench/peers): a 59 M-MAC plan predicted at 1.38 ms read
+    2.03 ms, a 32 M-MAC plan predicted at 0.94 ms read 0.94. Rescaling everything by the latest
+    ratio sent the loop back and forth between the two sizes, and it kept a plan at 0.41 of the
+    baseline for a budget of 0.5. The raw model still decides the trade-off between groups.
     """
 
     def __init__(self, model: LatencyModel):
         self.model = model
-        self.factor = 1.0
         self.history: list[dict[str, float]] = []
+        self._raw = np.empty(0)  # the measured plans' predictions, increasing
+        self._measured = np.empty(0)  # their (isotonic) measurements
+
+    @property
+    def factor(self) -> float:
+        """The latest measured / raw ratio (1.0 before any measurement)."""
+        return self.history[-1]["factor"] if self.history else 1.0
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
-        return self.factor * self.model.predict(keep)
+        return self.corrected(self.model.predict(keep))
+
+    def corrected(self, raw: float) -> float:
+        """A raw prediction (ms) mapped through the measured plans."""
+        xs, ys = self._raw, self._measured
+        if xs.size == 0:
+            return raw
+        if raw <= xs[0]:
+            return (ys[0] / xs[0]) * raw
+        if raw >= xs[-1]:
+            return (ys[-1] / xs[-1]) * raw
+        return float(np.interp(raw, xs, ys))
 
     def correct(self, keep: Sequence[float] | np.ndarray, measured_ms: float) -> None:
         raw = self.model.predict(keep)
-        if raw > 0 and math.isfinite(measured_ms):
-            self.factor = measured_ms / raw
-        self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": self.factor})
+        if raw > 0 and math.isfinite(measured_ms) and measured_ms > 0:
+            self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": measured_ms / raw})
+            self._refit()
+        else:
+            self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": self.factor})
+
+    def _refit(self) -> None:
+        points = sorted((h["raw_ms"], h["measured_ms"]) for h in self.history
+                        if h["raw_ms"] > 0 and math.isfinite(h["measured_ms"]) and h["measured_ms"] > 0)
+        xs = np.array([x for x, _ in points])
+        ys = np.array([y for _, y in points])
+        if xs.size > 1:
+            ys = isotonic_regression(ys, increasing=True).x
+            xs, start = np.unique(xs, return_index=True)  # one value per raw prediction (an average)
+            ys = np.add.reduceat(ys, start) / np.diff(np.append(start, len(points)))
+        self._raw, self._measured = xs, ys
