@@ -470,8 +470,8 @@ def search_latency(ctx: JobContext, groups, cost_model: CostModel, importance, r
             t.entry["note"] = predicted_label(latency_model)
         loop.append(t.entry)
     smallest = Trial(min_keep_map, smallest_ms, None, loop[0])
-    best, message = choose_plan([smallest, *trials], budget_ms, measured=not ctx.predicted_only,
-                                max_iterations=ctx.config.max_iterations)
+    best, message = choose_plan(trials, budget_ms, measured=not ctx.predicted_only,
+                                max_iterations=ctx.config.max_iterations, last_resort=smallest)
     best.entry["chosen"] = True  # report.loop says which plan was kept, so no reader re-derives the rule
     return SearchResult(best.keep, loop, True, smallest_ms, message,
                         solver_summary(best.allocation) if best.allocation else None)

@@ -147,3 +147,22 @@ def test_noisy_readings_never_make_a_larger_plan_predict_faster():
     predictions = [corrected.predict(k) for k in widths]
     assert all(b >= a for a, b in zip(predictions, predictions[1:]))
     assert corrected.predict(small) == pytest.approx(corrected.predict(large))  # pooled to one level
+
+
+def test_the_smallest_plan_is_kept_only_when_no_loop_plan_fits():
+    """Every loop plan read just over the guard band (98-100% of the budget) or over the budget:
+    the widest one within the budget is kept, with its note, not the smallest plan (always in the
+    band, and useless: the ResNet-56/digits job that kept it scored 29.5%)."""
+    budget = 1.0
+    trial = lambda ms: Trial({"a": int(ms * 1000)}, ms, None, {})  # noqa: E731
+    smallest = trial(0.2)
+    loop = [trial(1.09), trial(0.981), trial(1.03), trial(1.01)]
+    best, message = choose_plan(loop, budget, measured=True, max_iterations=4, last_resort=smallest)
+    assert best.latency_ms == 0.981 and "inside the budget but within 2%" in message
+    # a loop plan in the guard band still wins over one within 2% of the budget
+    best, message = choose_plan([*loop, trial(0.93)], budget, measured=True, max_iterations=4, last_resort=smallest)
+    assert best.latency_ms == 0.93 and message == ""
+    # nothing the loop built fits: the smallest plan is the answer, and the note says how little it uses
+    best, message = choose_plan([trial(1.09), trial(1.2)], budget, measured=True, max_iterations=4,
+                                last_resort=smallest)
+    assert best is smallest and "uses 20% of it" in message
