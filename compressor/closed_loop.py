@@ -108,10 +108,11 @@ def choose_plan(trials: Sequence[Trial], budget_ms: float, *, measured: bool,
     it would win whenever every loop plan read a little over the band. One noisy ResNet-56/digits
     job read its four plans at 98.1-109% of the budget and delivered the smallest plan, at 20% of
     the budget and 29.5% accuracy, where a plan at 98.1% was there to take."""
-    guarded = [t for t in trials if t.latency_ms <= ACCEPT_HIGH * budget_ms]
-    fitting = guarded or [t for t in trials if t.latency_ms <= budget_ms]
-    if not fitting and last_resort is not None:
-        fitting, guarded = [last_resort], [last_resort]
+    for pool in (trials, [last_resort] if last_resort is not None else []):  # the same rule, in that order
+        guarded = [t for t in pool if t.latency_ms <= ACCEPT_HIGH * budget_ms]
+        fitting = guarded or [t for t in pool if t.latency_ms <= budget_ms]
+        if fitting:
+            break
     best = max(fitting, key=lambda t: t.latency_ms)
     word = "measured" if measured else "predicted"
     message = "" if guarded else (f"the chosen plan {word} {best.latency_ms:.4g} ms, inside the budget but within "

@@ -623,13 +623,9 @@ class CorrectedLatency:
     def __init__(self, model: LatencyModel):
         self.model = model
         self.history: list[dict[str, float]] = []
+        self._points: list[tuple[float, float]] = []  # (raw, measured) of every usable reading
         self._raw = np.empty(0)  # the measured plans' predictions, increasing
         self._measured = np.empty(0)  # their (isotonic) measurements
-
-    @property
-    def factor(self) -> float:
-        """The latest measured / raw ratio (1.0 before any measurement)."""
-        return self.history[-1]["factor"] if self.history else 1.0
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
         return self.corrected(self.model.predict(keep))
@@ -647,15 +643,15 @@ class CorrectedLatency:
 
     def correct(self, keep: Sequence[float] | np.ndarray, measured_ms: float) -> None:
         raw = self.model.predict(keep)
-        if raw > 0 and math.isfinite(measured_ms) and measured_ms > 0:
-            self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": measured_ms / raw})
+        usable = raw > 0 and math.isfinite(measured_ms) and measured_ms > 0
+        factor = measured_ms / raw if usable else (self.history[-1]["factor"] if self.history else 1.0)
+        self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": factor})
+        if usable:
+            self._points.append((raw, float(measured_ms)))
             self._refit()
-        else:
-            self.history.append({"raw_ms": raw, "measured_ms": float(measured_ms), "factor": self.factor})
 
     def _refit(self) -> None:
-        points = sorted((h["raw_ms"], h["measured_ms"]) for h in self.history
-                        if h["raw_ms"] > 0 and math.isfinite(h["measured_ms"]) and h["measured_ms"] > 0)
+        points = sorted(self._points)
         xs = np.array([x for x, _ in points])
         ys = np.array([y for _, y in points])
         if xs.size > 1:
