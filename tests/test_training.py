@@ -189,6 +189,24 @@ def test_distillation_zero_epochs_is_a_no_op():
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
 
 
+def test_distillation_without_per_epoch_validation_gives_the_same_weights():
+    """The bench scores a fine-tuned row once; skipping the per-epoch scores must not change the weights
+    (evaluation runs in eval mode without gradients and draws no random numbers)."""
+    data = make_data()
+    teacher = fresh(seed=1)
+    train(teacher, data, epochs=2, batch_size=32)
+    tuned = {}
+    for validate in (True, False):
+        student = fresh(seed=2, width=4)
+        result = finetune_with_distillation(student, teacher, data, epochs=2, lr=0.05, batch_size=32,
+                                            validate=validate)
+        tuned[validate] = (student.state_dict(), [h["val_accuracy"] for h in result.history])
+    (with_val, scores), (without_val, none) = tuned[True], tuned[False]
+    assert all(s is not None for s in scores) and none == [None, None]
+    assert with_val.keys() == without_val.keys()
+    assert all(torch.equal(with_val[k], without_val[k]) for k in with_val)  # BN running stats included
+
+
 def test_bad_training_settings():
     data = make_data(n_train=16, n_val=8)
     with pytest.raises(BadInput):

@@ -169,8 +169,9 @@ class Cell:
         from the cache when an earlier row of this cell recorded them (`compressor.teacher_logits`): the
         batches are the same for every method at a seed, and the weights come out bit-identical."""
         recalibrate_bn(net, self.data.train_x)
+        # validate=False: the row scores the result once (`accuracy`); the per-epoch scores went unread
         result = finetune_with_distillation(net, self.dense, self.data, epochs=self.finetune_epochs, lr=FINETUNE_LR,
-                                            seed=self.seed, teacher_cache=cache_root())
+                                            seed=self.seed, teacher_cache=cache_root(), validate=False)
         return net.eval(), result.teacher_logits
 
     def accuracy(self, net: torch.nn.Module) -> float:
