@@ -33,7 +33,7 @@ test: $(STAMP)
 # measured latency budgets. The full grid's rows are kept in bench/results/rows/ (committed; a stopped run
 # resumes, from a fresh clone too; delete the folder to start over); bench-quick's rows in runs/bench/peers/.
 # Tables and Pareto plots land in bench/results/ (quick: bench/results/quick/). bench-quick: ResNet-20 on digits,
-# seed 0, both budgets, all six methods (4.4 min from a fresh clone on 2 cores, measured).
+# seed 0, both budgets, all six methods (4.2 min from a fresh clone on 2 cores, measured).
 bench: $(STAMP)
 	$(BIN)/python -m bench.peers
 
