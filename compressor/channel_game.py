@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from compressor.errors import BadInput
 from compressor.groups import PrunableGroup, build_dependency_graph
 from compressor.layer_activations import eval_mode, model_device
+from compressor.memory_layout import as_channels_last, forward_in_channels_last
 from compressor.shapley import ShapleyAccumulator
 
 __all__ = [
@@ -730,11 +731,16 @@ class ShapleyRanker:
                 raise BadInput(f"group {name!r} cannot be pruned ({g.reason})")
         shared: dict = {}  # teacher logits and the fx trace, computed once per call
         out: dict[str, torch.Tensor] = {}
-        for name, g in self.groups.items():
-            if g.prunable:
-                out[name] = self._score_group(g, keep.get(name), shared).values.float()
-                if progress is not None:
-                    progress(name)
+        # NHWC for the suffix forwards. Measured on the 2-core CPU, 44 coalitions of 64 samples: MobileNetV2
+        # 15.8 -> 10.6 s on an early group and 2.5 -> 2.2 s on a middle one, ResNet-56 4.6 -> 4.1 s and
+        # 1.8 -> 1.8 s. The values agree to float32 rounding; the model is handed back in its own layout.
+        with forward_in_channels_last(self.model):
+            x = as_channels_last(self.calib_x)
+            for name, g in self.groups.items():
+                if g.prunable:
+                    out[name] = self._score_group(g, keep.get(name), shared, x).values.float()
+                    if progress is not None:
+                        progress(name)
         return out
 
     def _unsure(self, acc: ShapleyAccumulator, k: int) -> list[int]:
@@ -753,14 +759,14 @@ class ShapleyRanker:
             unsure &= ~(half < self.indifference * float(values.abs().mean()))
         return unsure.nonzero().flatten().tolist()
 
-    def _score_group(self, g: PrunableGroup, k: int | None, shared: dict) -> GroupRanking:
+    def _score_group(self, g: PrunableGroup, k: int | None, shared: dict, calib_x: torch.Tensor) -> GroupRanking:
         start = time.perf_counter()
         game: ChannelGame | None = None
 
         def value_fn(masks: torch.Tensor) -> torch.Tensor:
             nonlocal game
             if game is None:  # built only when this call evaluates anything
-                game = ChannelGame._build(self.model, g, self.calib_x, calib_y=self.calib_y, loss=self.loss,
+                game = ChannelGame._build(self.model, g, calib_x, calib_y=self.calib_y, loss=self.loss,
                                           max_batch_elements=self.max_batch_elements, shared=shared)
             return game.value_fn(masks)
 

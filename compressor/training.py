@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import BadInput
+from compressor.memory_layout import as_channels_last, channels_last, forward_in_channels_last
 from compressor.teacher_logits import TeacherLogits
 
 __all__ = ["TrainResult", "evaluate", "finetune_with_distillation", "recalibrate_bn", "train"]
@@ -62,45 +63,6 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextmanager
-def channels_last(*models: nn.Module) -> Iterator[None]:
-    """Run conv nets in NHWC inside the block, and give them back in the default layout.
-
-    Measured on the 2-core CPU (torch 2.13, batch 64, forward + backward per image): ResNet-20
-    2.04 -> 1.58 ms, ResNet-56 6.16 -> 4.88 ms, MobileNetV2 11.65 -> 6.88 ms; distilling a half-width
-    MobileNetV2 on digits, 14.0 -> 11.2 s per epoch (ResNet-56: no change). Only 4-D weights change
-    layout; the values do not. Converting back keeps what leaves training (checkpoints, ONNX export,
-    torch-pruning) exactly as before.
-    """
-    for m in models:
-        m.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        for m in models:
-            m.to(memory_format=torch.contiguous_format)
-
-
-def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-@contextmanager
-def _forward_in_channels_last(model: nn.Module) -> Iterator[None]:
-    """`channels_last` for a forward-only pass (evaluation, BN re-estimation), unless the model is in
-    it already: validation inside training must not hand the model back in NCHW mid-run.
-
-    Measured on the 2-core CPU (torch 2.13), NCHW -> NHWC: evaluating MobileNetV2 on 1000 shapes
-    images 10.1 -> 6.8 s, re-estimating its BN 26.8 -> 13.6 s; ResNet-56 2.2 -> 1.7 s and 6.7 -> 4.8 s.
-    """
-    weights = [p for p in model.parameters() if p.dim() == 4]
-    if all(w.is_contiguous(memory_format=torch.channels_last) for w in weights):
-        yield
-        return
-    with channels_last(model):
-        yield
-
-
 # Forward-only passes run fastest per image at the training batch on the 2-core CPU (torch 2.13, NHWC,
 # 1000 images of 32x32, seconds at 64 / 256): ResNet-20 0.71 / 0.71, ResNet-56 1.42 / 1.81, MobileNetV2
 # 4.53 / 5.96: a big batch's activations spill out of the cache. The accuracy is the same at either.
@@ -116,9 +78,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     model.eval()
     correct = 0
     try:
-        with torch.no_grad(), _forward_in_channels_last(model):
+        with torch.no_grad(), forward_in_channels_last(model):
             for start in range(0, x.shape[0], batch_size):
-                logits = model(_as_channels_last(x[start:start + batch_size].to(device)))
+                logits = model(as_channels_last(x[start:start + batch_size].to(device)))
                 correct += int((logits.argmax(dim=1).cpu() == y[start:start + batch_size]).sum())
     finally:
         model.train(was_training)
@@ -201,7 +163,7 @@ def _fit_epochs(model: nn.Module, data: _Splits, loss_fn: Callable[[torch.Tensor
             xb = data.train_x[idx]
             if augment:
                 xb = _augment(xb, gen, hflip=hflip)
-            xb, yb = _as_channels_last(xb.to(device)), data.train_y[idx].to(device)
+            xb, yb = as_channels_last(xb.to(device)), data.train_y[idx].to(device)
             logits = model(xb)
             loss = loss_fn(logits, yb, xb)
             optimizer.zero_grad(set_to_none=True)
@@ -278,14 +240,14 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64, m
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with torch.no_grad(), _forward_in_channels_last(model):
+        with torch.no_grad(), forward_in_channels_last(model):
             for i, start in enumerate(range(0, x.shape[0], batch_size)):
                 if i >= max_batches:
                     break
                 xb = x[start:start + batch_size]
                 if xb.shape[0] < 2:
                     break
-                model(_as_channels_last(xb.to(device)))
+                model(as_channels_last(xb.to(device)))
     finally:
         for m, momentum in saved:
             m.momentum = momentum

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from compressor.errors import BadInput
 from compressor.groups import discover_groups
 from compressor.models import create_model
 from compressor.pruning import apply_plan
-from compressor.shapley import exact_shapley, shapley_values
+from compressor.shapley import ShapleyAccumulator, exact_shapley, shapley_values
 from test_groups import LOCAL_MODELS, build_local, example_input
 
 
@@ -285,6 +286,29 @@ def test_adaptive_ranker_keeps_the_exact_top_k(trained_digits):
     assert report["fast_path"] and report["stable"] and report["evaluations"] == r.evaluations
     assert report["forward_rows"] > 0 and report["seconds"] > 0
     assert r.permutations == 4  # estimates carried across calls, not restarted
+
+
+def test_ranker_plays_in_nhwc_and_hands_the_model_back_as_it_was(trained_digits):
+    """The ranker runs its forwards in channels_last (faster on the CPU); the values must be the
+    NCHW game's up to float32 rounding, and the model must come back in its own layout, unchanged."""
+    model, data = trained_digits
+    g = next(g for g in discover_groups(model, data.calib_x[:1]) if g.name == "c2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layouts = []
+    hook = model.c3.register_forward_pre_hook(
+        lambda _m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        values = ShapleyRanker(model, [g], data.calib_x, initial_permutations=2, seed=0).scores()["c2"]
+    finally:
+        hook.remove()
+    assert layouts and all(layouts)  # the suffix after c2 ran in NHWC
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same permutations through the NCHW game (the ranker seeds each group from its name)
+    nchw = ShapleyAccumulator(g.channels)
+    nchw.add_permutations(ChannelGame.build(model, g, data.calib_x).value_fn, 2, antithetic=True,
+                          generator=torch.Generator().manual_seed(zlib.crc32(b"c2")))
+    torch.testing.assert_close(values.double(), nchw.values.double(), rtol=1e-4, atol=1e-6)
 
 
 def test_ranker_stops_at_the_evaluation_cap_and_says_unstable(trained_digits):
