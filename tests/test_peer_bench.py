@@ -388,3 +388,39 @@ def test_beta_sweep_compares_the_committed_default_with_each_beta(tmp_path, monk
     rows = [grids.read_json(grids.row_path("compressor", "resnet20", "shapes", 0.5, s, grids.FULL.store))
             for s in grids.FULL.seeds]
     assert float(default.split()[0]) == pytest.approx(100 * np.mean([r["accuracy"] for r in rows]), abs=0.05)
+
+
+def _rerun_row(method, seed, accuracy, met=True, digest="d0", commit="c1"):
+    return {"method": method, "model": "resnet20", "data": "digits", "budget_fraction": 0.5, "seed": seed,
+            "accuracy": accuracy, "met": met, "dense_digest": digest, "commit": commit, "wall_s": 60.0,
+            "stage_s": {"finetune": 40.0, "ranking": 20.0}}
+
+
+def _keyed(rows):
+    return {(r["method"], r["model"], r["data"], r["budget_fraction"], r["seed"]): r for r in rows}
+
+
+def test_rerun_compares_row_by_row_and_counts_a_tie_at_the_table_precision_as_the_same_best():
+    from bench.peers.rerun import Comparison, best_methods, markdown
+
+    first = _keyed([_rerun_row("compressor", 0, 0.900), _rerun_row("halp-knapsack", 0, 0.9004),
+                    _rerun_row("uniform-l1", 0, 0.95, met=False)])
+    second = _keyed([_rerun_row("compressor", 0, 0.915, commit="c2"), _rerun_row("halp-knapsack", 0, 0.850, commit="c2"),
+                     _rerun_row("uniform-l1", 0, 0.95, commit="c2")])
+    c = Comparison(first=first, second=second)
+    assert c.differences() == pytest.approx([1.5, -5.04, 0.0])  # sorted keys: compressor, halp, uniform
+    assert c.met_flips() == {(True, True): 2, (False, True): 1}
+    # 90.0 and 90.04 tie at 0.1 points; uniform-l1's 95% missed the budget, so it is not best
+    assert best_methods(list(first.values())) == {"compressor", "halp-knapsack"}
+    assert best_methods(list(second.values())) == {"uniform-l1"}
+    text = "\n".join(markdown(c, training_s=1800.0, started=None))
+    assert "1 missed then met" in text and "same in 0 of 1" in text
+    assert "largest 5.04" in text and "1 rows identical, 1 apart by more than 2 points" in text
+    assert "**0.55 h**" in text  # 3 rows x 60 s + 1800 s of training = 1980 s
+
+
+def test_rerun_refuses_an_empty_store(tmp_path, capsys):
+    from bench.peers.rerun import main
+
+    assert main(["--store", str(tmp_path)]) == 2
+    assert "no rows" in capsys.readouterr().err
