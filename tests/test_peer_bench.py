@@ -402,6 +402,7 @@ def _keyed(rows):
 
 def test_rerun_compares_row_by_row_and_counts_a_tie_at_the_table_precision_as_the_same_best():
     from bench.peers.rerun import Comparison, best_methods, markdown
+    from bench.peers.results import time_summary
 
     first = _keyed([_rerun_row("compressor", 0, 0.900), _rerun_row("halp-knapsack", 0, 0.9004),
                     _rerun_row("uniform-l1", 0, 0.95, met=False)])
@@ -413,10 +414,12 @@ def test_rerun_compares_row_by_row_and_counts_a_tie_at_the_table_precision_as_th
     # 90.0 and 90.04 tie at 0.1 points; uniform-l1's 95% missed the budget, so it is not best
     assert best_methods(list(first.values())) == {"compressor", "halp-knapsack"}
     assert best_methods(list(second.values())) == {"uniform-l1"}
-    text = "\n".join(markdown(c, training_s=1800.0, started=None))
+    text = "\n".join(markdown(c, time_summary(list(second.values()), [{"train_s": 1800.0}]), started=None))
     assert "1 missed then met" in text and "same in 0 of 1" in text
     assert "largest 5.04" in text and "1 rows identical, 1 apart by more than 2 points" in text
     assert "**0.55 h**" in text  # 3 rows x 60 s + 1800 s of training = 1980 s
+    untrained = "\n".join(markdown(c, time_summary(list(second.values()), [{"train_s": None}]), started=None))
+    assert "Rows + training: **unknown**" in untrained  # a missing training record is not counted as zero
 
 
 def test_rerun_refuses_an_empty_store(tmp_path, capsys):

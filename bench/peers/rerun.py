@@ -19,17 +19,21 @@ from pathlib import Path
 
 from bench.common import RESULTS
 from bench.peers import grid as grids
+from bench.peers.results import time_summary
 from deploy.atomic_io import atomic_write_text
 
 STORE = RESULTS / "rerun-rows"
 Key = tuple[str, str, str, float, int]  # method, model, data, budget fraction, seed
 
 
-def rows_by_key(store: Path, seeds: tuple[int, ...]) -> dict[Key, dict]:
+def seeds_of_full_grid(seeds: tuple[int, ...], store: Path) -> grids.Grid:
     full = grids.FULL
-    run = grids.Grid(full.models, full.data, full.budgets, seeds, full.methods, store=store)
+    return grids.Grid(full.models, full.data, full.budgets, seeds, full.methods, store=store)
+
+
+def rows_by_key(grid: grids.Grid) -> dict[Key, dict]:
     return {(r["method"], r["model"], r["data"], r["budget_fraction"], r["seed"]): r
-            for r in grids.cached_rows(run) if r.get("accuracy") is not None}
+            for r in grids.cached_rows(grid) if r.get("accuracy") is not None}
 
 
 def best_methods(rows: list[dict]) -> set[str]:
@@ -79,7 +83,12 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def markdown(c: Comparison, training_s: float, started: str | None) -> list[str]:
+def _marked(r: dict, best: set[str]) -> str:
+    return f"{100 * r['accuracy']:.1f}" + ("" if r["met"] else " †") + (" **best**" if r["method"] in best else "")
+
+
+def markdown(c: Comparison, cost: dict, started: str | None) -> list[str]:
+    """The page; `cost` is `results.time_summary` of the second run's rows and training records."""
     diffs = c.differences()
     size = [abs(d) for d in diffs]
     flips = c.met_flips()
@@ -104,21 +113,18 @@ def markdown(c: Comparison, training_s: float, started: str | None) -> list[str]
         same_best += bool(b1 & b2)
         for r1 in sorted(first, key=lambda r: grids.ALL_METHODS.index(r["method"])):
             r2 = c.second[(r1["method"], model, data, budget, seed)]
-            mark = lambda r, best: f"{100 * r['accuracy']:.1f}" + ("" if r["met"] else " †") + (" **best**" if r["method"] in best else "")
-            table.append(f"| {model} | {data} | {budget:.0%} | {seed} | {r1['method']} | {mark(r1, b1)} | {mark(r2, b2)} | "
+            table.append(f"| {model} | {data} | {budget:.0%} | {seed} | {r1['method']} | {_marked(r1, b1)} | {_marked(r2, b2)} | "
                          f"{100 * (r2['accuracy'] - r1['accuracy']):+.1f} |")
     lines += [f"- Best method per (model, data, budget, seed): the same in {same_best} of {len(settings)} in both runs "
               "(best: most accurate among the methods that met the budget; a tie at 0.1 points counts for each).", ""]
-    rows_s = sum(r["wall_s"] for r in c.second.values())
+    total = ("**unknown**: some cell has no training record" if cost["total_s"] is None
+             else f"**{cost['total_s'] / 3600:.2f} h**")
     lines += ["## What the second run cost", "",
-              f"- Its {len(c.second)} rows: {rows_s / 3600:.2f} h of wall time, every Shapley pass and latency table "
-              "paid (nothing was cached). Training its dense networks: "
-              f"{training_s / 3600:.2f} h. Rows + training: **{(rows_s + training_s) / 3600:.2f} h**"
-              + (f" (the run started {started})." if started else "."), ""]
-    by_stage: Counter = Counter()
-    for r in c.second.values():
-        by_stage.update(r.get("stage_s") or {})
-    lines += ["| stage | hours |", "|---|---:|"] + [f"| {s} | {v / 3600:.2f} |" for s, v in by_stage.most_common()] + [""]
+              f"- Its {len(c.second)} rows: {cost['rows_s'] / 3600:.2f} h of wall time, every Shapley pass and latency "
+              f"table paid (nothing was cached). Training its dense networks: {cost['training_s'] / 3600:.2f} h. "
+              f"Rows + training: {total}" + (f" (the run started {started})." if started else "."), ""]
+    stages = sorted(cost["stage_s"].items(), key=lambda kv: -kv[1])
+    lines += ["| stage | hours |", "|---|---:|"] + [f"| {s} | {v / 3600:.2f} |" for s, v in stages] + [""]
     lines += ["## Every row", "", "†: the final reading missed the budget.", "", *table, ""]
     return lines
 
@@ -131,15 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--started", help="when the second run started (UTC), for the page")
     args = parser.parse_args(argv)
     seeds = tuple(args.seeds)
-    second = rows_by_key(args.store, seeds)
+    second_run = seeds_of_full_grid(seeds, args.store)
+    second = rows_by_key(second_run)
     if not second:
         print(f"no rows for seeds {list(seeds)} in {args.store}", file=sys.stderr)
         return 2
-    comparison = Comparison(first=rows_by_key(grids.FULL.store, seeds), second=second)
-    full = grids.FULL
-    cells = grids.Grid(full.models, full.data, full.budgets, seeds, full.methods, store=args.store)
-    training_s = sum(t["train_s"] or 0.0 for t in grids.training_records(cells))
-    text = markdown(comparison, training_s, args.started)
+    comparison = Comparison(first=rows_by_key(seeds_of_full_grid(seeds, grids.FULL.store)), second=second)
+    cost = time_summary(list(second.values()), grids.training_records(second_run))
+    text = markdown(comparison, cost, args.started)
     text.insert(2, f"Reproduce the page: `python -m bench.peers.rerun --seeds {' '.join(map(str, seeds))}`.\n")
     atomic_write_text(RESULTS / "rerun.md", "\n".join(text))
     print("\n".join(text[:14]))
