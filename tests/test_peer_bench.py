@@ -308,6 +308,8 @@ def test_trained_weights_record_how_long_training_took(tmp_path, monkeypatch):
     assert path.exists() and record["train_s"] > 0 and 0.0 <= record["val_accuracy"] <= 1.0
     (entry,) = grids.training_records(quick)
     assert entry["train_s"] == record["train_s"]
+    # A re-run's store reads its own copies only: the weights under runs/ may be another run's.
+    assert grids.training_records(quick, store_only=True)[0]["train_s"] is None
     # The store's copy (committed with the rows) answers once the weights under runs/ are gone.
     copy = grids.training_record_in_store(quick.store, path)
     copy.parent.mkdir(parents=True)

@@ -189,13 +189,18 @@ def training_record_in_store(store: Path, weights: Path) -> Path:
     return store / f"train--{training_record_path(weights).name}"
 
 
-def training_records(grid: Grid) -> list[dict]:
+def training_records(grid: Grid, *, store_only: bool = False) -> list[dict]:
     """How long each of `grid`'s cells took to train its dense network, from the store's copy or
-    the weights' own record (`train_s` None: not trained yet, or trained before the record)."""
+    the weights' own record (`train_s` None: not trained yet, or trained before the record).
+
+    `store_only`: read the store's copies alone. A store that holds another run's rows (a re-run's)
+    must not borrow the training time of whatever weights lie under runs/ now."""
     out = []
     for seed, model, data in grid.cells():
         weights = _weights(model, data, seed)
-        record = read_json(training_record_in_store(grid.store, weights)) or read_json(training_record_path(weights))
+        record = read_json(training_record_in_store(grid.store, weights))
+        if record is None and not store_only:
+            record = read_json(training_record_path(weights))
         out.append({"model": model, "data": data, "seed": seed, "train_s": (record or {}).get("train_s")})
     return out
 

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no rows for seeds {list(seeds)} in {args.store}", file=sys.stderr)
         return 2
     comparison = Comparison(first=rows_by_key(seeds_of_full_grid(seeds, grids.FULL.store)), second=second)
-    cost = time_summary(list(second.values()), grids.training_records(second_run))
+    cost = time_summary(list(second.values()), grids.training_records(second_run, store_only=True))
     text = markdown(comparison, cost, args.started)
     text.insert(2, f"Reproduce the page: `python -m bench.peers.rerun --seeds {' '.join(map(str, seeds))}`.\n")
     atomic_write_text(RESULTS / "rerun.md", "\n".join(text))
