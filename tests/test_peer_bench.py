@@ -399,7 +399,8 @@ def _rerun_row(method, seed, accuracy, met=True, digest="d0", commit="c1"):
 
 
 def _keyed(rows):
-    return {(r["method"], r["model"], r["data"], r["budget_fraction"], r["seed"]): r for r in rows}
+    from bench.peers.rerun import row_key
+    return {row_key(r): r for r in rows}
 
 
 def test_rerun_compares_row_by_row_and_counts_a_tie_at_the_table_precision_as_the_same_best():

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bench.common import RESULTS
 from bench.peers import grid as grids
 from bench.peers.results import time_summary
@@ -31,9 +33,12 @@ def seeds_of_full_grid(seeds: tuple[int, ...], store: Path) -> grids.Grid:
     return grids.Grid(full.models, full.data, full.budgets, seeds, full.methods, store=store)
 
 
+def row_key(r: dict) -> Key:
+    return r["method"], r["model"], r["data"], r["budget_fraction"], r["seed"]
+
+
 def rows_by_key(grid: grids.Grid) -> dict[Key, dict]:
-    return {(r["method"], r["model"], r["data"], r["budget_fraction"], r["seed"]): r
-            for r in grids.cached_rows(grid) if r.get("accuracy") is not None}
+    return {row_key(r): r for r in grids.cached_rows(grid) if r.get("accuracy") is not None}
 
 
 def best_methods(rows: list[dict]) -> set[str]:
@@ -78,11 +83,6 @@ class Comparison:
         return out
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _marked(r: dict, best: set[str]) -> str:
     return f"{100 * r['accuracy']:.1f}" + ("" if r["met"] else " †") + (" **best**" if r["method"] in best else "")
 
@@ -101,7 +101,7 @@ def markdown(c: Comparison, cost: dict, started: str | None) -> list[str]:
              "(the same `dense_digest`).",
              f"- Accuracy, second run minus first, per row: median {statistics.median(diffs):+.2f} points, "
              f"mean {statistics.mean(diffs):+.2f}; |difference| median {statistics.median(size):.2f}, "
-             f"90th percentile {_quantile(size, 0.9):.2f}, largest {max(size):.2f}; "
+             f"90th percentile {np.percentile(size, 90):.2f}, largest {max(size):.2f}; "
              f"{sum(s == 0 for s in size)} rows identical, {sum(s > 2 for s in size)} apart by more than 2 points.",
              f"- Budget verdicts: {flips[(True, True)]} met in both, {flips[(False, False)]} missed in both, "
              f"{flips[(False, True)]} missed then met, {flips[(True, False)]} met then missed."]
