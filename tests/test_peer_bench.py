@@ -364,6 +364,9 @@ def test_a_row_is_judged_beside_the_dense_network_not_against_a_stale_baseline(d
     assert row["latency_ratio"] < 0.7  # a search against the stale baseline would deliver a ratio near 1
     assert row["latency_ms"] == pytest.approx(row["latency_ratio"] * stale_ms)
     assert 0.0 <= row["accuracy"] <= 1.0
+    # which machine and which versions timed and trained it: hosts change between sittings
+    assert row["device"] == digits_cell.backend.device_name()
+    assert row["software"]["torch"] != "not installed" and row["software"]["onnxruntime"] != "not installed"
     if method == "uniform-l1":
         assert all(0 < p["latency_ratio"] < 1.5 for p in row["probes"])
         # every probe is two measurements (the dense network, then the plan); the verdict 3 rounds of two
@@ -430,3 +433,22 @@ def test_rerun_refuses_an_empty_store(tmp_path, capsys):
 
     assert main(["--store", str(tmp_path)]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_a_row_store_refuses_a_baseline_timed_on_another_host(tmp_path):
+    """Budgets are fractions of the stored baseline and latencies ratios times it: a second machine's
+    rows must not be judged against the first machine's baseline. The same host reuses it untouched."""
+    from types import SimpleNamespace
+
+    from bench.peers.grid import StoreOnAnotherHost, baseline_ms
+
+    readings = iter([1.0, 1.2, 1.1, 1.3, 0.9])
+    cell = SimpleNamespace(model_name="resnet20", data_name="digits", backend=SimpleNamespace(device_name=lambda: "AMD EPYC"),
+                           measure_dense=lambda: next(readings))
+    assert baseline_ms(cell, tmp_path) == pytest.approx(1.1)  # the median of the readings
+    stored = (tmp_path / "baselines.json").read_text()
+    assert baseline_ms(cell, tmp_path) == pytest.approx(1.1)  # reused, not timed again
+    cell.backend = SimpleNamespace(device_name=lambda: "Intel(R) Xeon(R) Processor")
+    with pytest.raises(StoreOnAnotherHost, match="AMD EPYC.*Intel"):
+        baseline_ms(cell, tmp_path)
+    assert (tmp_path / "baselines.json").read_text() == stored

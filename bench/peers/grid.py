@@ -12,6 +12,7 @@ partial run covers every model and data set at seed 0 before it starts seed 1.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -114,16 +115,39 @@ def baseline_ms(cell: Cell, store: Path) -> float:
     path = store / "baselines.json"
     known = read_json(path) or {}
     key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
+    here = cell.backend.device_name()
+    if key in known and known[key].get("device") not in (None, here):
+        # Budgets are fractions of this baseline, and every row's latency is a ratio times it: rows timed
+        # on another CPU would be judged and reported against a machine they never ran on.
+        raise StoreOnAnotherHost(f"{path}: the {key} baseline was measured on {known[key]['device']!r}, and this "
+                                 f"host is {here!r}; one row store holds one machine's rows (start from an empty "
+                                 "store here, or run on that machine)")
     if key not in known:
         # The median of several measurements: every budget of every seed hangs on this number, and
         # one reading taken in a slow minute (MobileNetV2/digits read 2.52 ms once, against 2.16-2.42 ms
         # for the same network side by side later) makes every method "miss" a budget it met in ms.
         readings = [cell.measure_dense() for _ in range(BASELINE_READINGS)]
         known[key] = {"latency_ms": statistics.median(readings), "readings_ms": readings, "measured_utc": _now(),
-                      "device": cell.backend.device_name()}
+                      "device": here}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(known, indent=2) + "\n")
     return float(known[key]["latency_ms"])
+
+
+class StoreOnAnotherHost(Exception):
+    """The row store's baselines were timed on a different CPU than this one."""
+
+
+def host_software() -> dict[str, str]:
+    """The versions that decide what a row measures and trains (a second host may resolve newer ones)."""
+    return {name: _version(name) for name in ("torch", "onnxruntime", "onnx", "torch-pruning", "numpy")}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _now() -> str:
@@ -145,7 +169,7 @@ def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accura
     row = {"method": method, "model": cell.model_name, "data": cell.data_name, "target": TARGET, "seed": cell.seed,
            "budget_fraction": budget, "budget_ms": budget * base_ms, "baseline_ms": base_ms,
            "dense_accuracy": dense_accuracy, "dense_digest": cell.dense_digest(), "finetune_epochs": FINETUNE_EPOCHS,
-           "commit": code_commit()}
+           "commit": code_commit(), "device": cell.backend.device_name(), "software": host_software()}
     try:
         pruned = METHODS[method](cell, budget, clock)
     except Exception as exc:  # a peer that crashes is a result too: recorded, not hidden
