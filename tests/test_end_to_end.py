@@ -56,7 +56,8 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     args = ("--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2")
     out = tmp_path / "run"
     code, report = _compress(out, *args)
-    if code == 3 and report and any(n.startswith("budget not met") for n in report["notes"]):
+    retried = code == 3 and report and any(n.startswith("budget not met") for n in report["notes"])
+    if retried:
         # One honest miss on this shared 2-core VM (its speed moves 10-30% within seconds; these runs use
         # 100 iterations to stay fast) is the host's; a second run that misses too is the product's.
         out = tmp_path / "run-again"
@@ -128,7 +129,9 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     # records what it predicted next to what was measured.
     assert report["latency_source"] == "measured"
     lm = report["latency_model"]
-    assert lm["kind"] == "per-layer" and lm["source"] == "built on the target in this run"
+    # (a second run reuses the table the first one built and cached)
+    assert lm["kind"] == "per-layer"
+    assert lm["source"].startswith("cache: ") if retried else lm["source"] == "built on the target in this run"
     assert lm["provenance"]["variants"] == 4 + 2 and lm["provenance"]["profiler"] == "onnxruntime-profiling"
     assert (out / "latency_table.json").exists() and report["artifacts"]["latency_table"] == "latency_table.json"
     solved = [it for it in report["loop"] if isinstance(it["iteration"], int) and it["iteration"] > 0]
