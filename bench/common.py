@@ -6,6 +6,7 @@ Everything they need is generated or trained here from fixed seeds: no downloads
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -88,11 +89,19 @@ def training_record_path(weights: Path) -> Path:
 
 
 def machine() -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
+    """This host: the CPU, its usable cores and the versions that decide what a bench trains and times
+    (a second sitting may resolve newer ones, so results record them)."""
     return {"cpu": cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+            **{key: _version(package) for key, package in (("torch", "torch"), ("onnxruntime", "onnxruntime"),
+                                                           ("onnx", "onnx"), ("torch_pruning", "torch-pruning"),
+                                                           ("numpy", "numpy"))}}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

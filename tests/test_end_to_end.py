@@ -52,14 +52,22 @@ def _onnx_logits(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
+# The one test that judges a budget by the verdict: it times as many runs as the cpu profile does. At 100
+# runs a side-by-side ratio moved by up to 7% between a loop reading and the final one on this 2-core VM
+# with a busy neighbour (1 of 5 jobs missed 1.5x at 1.47x), past the loop's 2-10% guard band; at 300,
+# 6 of 6 met. Each reading costs well under a second on ResNet-20.
+VERDICT_ITERATIONS = 300
+
+
 def test_speedup_budget_end_to_end(digits_weights, tmp_path):
-    args = ("--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2")
+    args = ("--weights", str(digits_weights), "--speedup", "1.5", "--finetune-epochs", "2",
+            "--iterations", str(VERDICT_ITERATIONS))
     out = tmp_path / "run"
     code, report = _compress(out, *args)
     retried = code == 3 and report and any(n.startswith("budget not met") for n in report["notes"])
     if retried:
-        # One honest miss on this shared 2-core VM (its speed moves 10-30% within seconds; these runs use
-        # 100 iterations to stay fast) is the host's; a second run that misses too is the product's.
+        # One honest miss on this shared 2-core VM (its speed moves 10-30% within seconds) is the host's;
+        # a second run that misses too is the product's.
         out = tmp_path / "run-again"
         code, report = _compress(out, *args)
     assert code == 0, report and report["notes"]
@@ -83,11 +91,12 @@ def test_speedup_budget_end_to_end(digits_weights, tmp_path):
     speedup = report["compressed"]["speedup"]
     assert report["met"] and speedup["speedup"] >= 1.5 and comp["median"] > 0
     assert speedup["ratio"] == pytest.approx(1 / speedup["speedup"])
-    assert speedup["blocks"] == 100 // speedup["block_runs"]
+    assert speedup["blocks"] == VERDICT_ITERATIONS // speedup["block_runs"]
     assert report["budget"]["requested"]["judged_by"].startswith("compressed.speedup")
     assert report["loop"][-1]["iteration"] == "final"
     assert report["loop"][-1]["speedup_side_by_side"] == speedup["speedup"]
-    assert comp["p90"] >= comp["median"] and comp["p99"] >= comp["p90"] and comp["cv"] >= 0 and comp["n"] == 100
+    assert comp["p90"] >= comp["median"] and comp["p99"] >= comp["p90"] and comp["cv"] >= 0
+    assert comp["n"] == VERDICT_ITERATIONS
     assert report["compressed"]["flops"] < report["baseline"]["flops"]
     assert all(it["measured_latency_ms"] > 0 for it in report["loop"])
     assert any(g["kept"] < g["channels"] for g in report["groups"])

@@ -206,6 +206,35 @@ def test_a_filtered_run_reports_every_cached_row_of_the_grid(tmp_path, monkeypat
         cli.main(["--models", "vgg99"])
 
 
+def test_the_report_names_the_machine_the_rows_ran_on_not_the_host_writing_it(tmp_path):
+    """`--report-only` on another host must not relabel a grid: the machine comes from the rows, and
+    for rows that recorded none, the CPU from the store's baselines (their versions: not recorded)."""
+    from bench.common import machine
+    from bench.peers.results import measured_on
+
+    amd = {**machine(), "cpu": "AMD EPYC (test)", "cores": 2, "onnxruntime": "1.31.0"}
+    assert amd["cpu"] != machine()["cpu"]
+    rows = [{**_row(0, 0.9), "machine": amd}, {**_row(1, 0.9), "machine": amd}]
+    write_outputs(rows, tmp_path, grid_description={}, expected_rows=2, command="make bench",
+                  recipe={"finetune_epochs": 3})
+    assert json.loads((tmp_path / "summary.json").read_text())["machine"] == amd
+    assert "Machine: AMD EPYC (test), 2 cores, ONNX Runtime 1.31.0, torch " in (tmp_path / "README.md").read_text()
+    # a later sitting on the same CPU resolved a newer runtime: both versions are shown
+    mixed = measured_on([rows[0], {**_row(2, 0.9), "machine": {**amd, "onnxruntime": "1.32.0"}}])
+    assert mixed["cpu"] == "AMD EPYC (test)" and mixed["onnxruntime"] == ["1.31.0", "1.32.0"]
+    # rows from before rows recorded a machine: the CPU their budgets were timed on, no versions
+    baselines = {"resnet20--digits--cpu": {"latency_ms": 0.7, "device": "AMD EPYC (test)"}}
+    old = measured_on([_row(0, 0.9), _row(1, 0.9)], baselines)
+    assert old["cpu"] == "AMD EPYC (test)" and old["onnxruntime"] == "not recorded" and old["rows_without_machine"] == 2
+    write_outputs([_row(0, 0.9)], tmp_path, grid_description={}, expected_rows=1, command="make bench",
+                  recipe={"finetune_epochs": 3}, baselines=baselines)
+    assert ("Machine: AMD EPYC (test) (from the stored baselines); 1 rows did not record their cores and versions."
+            in (tmp_path / "README.md").read_text())
+    # rows of the sitting between (device + software, no machine block) still name their host
+    assert measured_on([{**_row(0, 0.9), "device": "Xeon (test)", "software": {"torch-pruning": "1.6"}}]) == \
+        {"cpu": "Xeon (test)", "torch_pruning": "1.6"}
+
+
 def test_methods_are_compared_on_the_seeds_they_all_have(tmp_path):
     from bench.peers.results import finished_cells
 
@@ -366,7 +395,8 @@ def test_a_row_is_judged_beside_the_dense_network_not_against_a_stale_baseline(d
     assert 0.0 <= row["accuracy"] <= 1.0
     # which machine and which versions timed and trained it: hosts change between sittings
     assert row["device"] == digits_cell.backend.device_name()
-    assert row["software"]["torch"] != "not installed" and row["software"]["onnxruntime"] != "not installed"
+    assert row["machine"]["cpu"] == row["device"] and row["machine"]["cores"] >= 1
+    assert all(row["machine"][k] != "not installed" for k in ("torch", "onnxruntime", "onnx", "torch_pruning"))
     if method == "uniform-l1":
         assert all(0 < p["latency_ratio"] < 1.5 for p in row["probes"])
         # every probe is two measurements (the dense network, then the plan); the verdict 3 rounds of two

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                           "train_by_cell": {f"{m}/{d}": asdict(r) for (m, d), r in grids.TRAIN_RECIPE_BY_CELL.items()},
                           "compressor_shapley": {"evaluations_per_group": grids.SHAPLEY_EVALUATIONS,
                                                  "max_channels": grids.SHAPLEY_MAX_CHANNELS}},
-                  training=grids.training_records(full),
+                  training=grids.training_records(full), baselines=grids.read_json(full.store / "baselines.json"),
                   findings=None if args.quick or not FINDINGS.exists() else FINDINGS.read_text())
     print(f"wrote {out}/summary.json and README.md ({len(rows)} of {full.size()} rows) "
           f"in {time.perf_counter() - started:.0f} s", flush=True)

@@ -12,7 +12,6 @@ partial run covers every model and data set at seed 0 before it starts seed 1.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from bench.common import REPO, RESULTS, WORK, TrainRecipe, trained_weights, training_record_path, weights_path
+from bench.common import REPO, RESULTS, WORK, TrainRecipe, machine, trained_weights, training_record_path, weights_path
 from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
 from compressor.job_config import BETA_PER_LAYER, SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
@@ -138,18 +137,6 @@ class StoreOnAnotherHost(Exception):
     """The row store's baselines were timed on a different CPU than this one."""
 
 
-def host_software() -> dict[str, str]:
-    """The versions that decide what a row measures and trains (a second host may resolve newer ones)."""
-    return {name: _version(name) for name in ("torch", "onnxruntime", "onnx", "torch-pruning", "numpy")}
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -169,7 +156,7 @@ def run_row(cell: Cell, method: str, budget: float, base_ms: float, dense_accura
     row = {"method": method, "model": cell.model_name, "data": cell.data_name, "target": TARGET, "seed": cell.seed,
            "budget_fraction": budget, "budget_ms": budget * base_ms, "baseline_ms": base_ms,
            "dense_accuracy": dense_accuracy, "dense_digest": cell.dense_digest(), "finetune_epochs": FINETUNE_EPOCHS,
-           "commit": code_commit(), "device": cell.backend.device_name(), "software": host_software()}
+           "commit": code_commit(), "device": cell.backend.device_name(), "machine": machine()}
     try:
         pruned = METHODS[method](cell, budget, clock)
     except Exception as exc:  # a peer that crashes is a result too: recorded, not hidden

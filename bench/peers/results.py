@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from bench.common import machine
 from deploy.atomic_io import atomic_write_text
 
 ORDER = ("compressor", "compressor-concentration", "uniform-l1", "torch-pruning-global", "halp-knapsack", "itpruner")
@@ -250,19 +249,76 @@ def time_markdown(cost: dict) -> list[str]:
     return lines + [""]
 
 
+NOT_RECORDED = "not recorded"
+
+
+def _row_machine(row: dict) -> dict | None:
+    """What a row recorded of the host that ran it: `machine` (bench.common.machine()), or the
+    `device` + `software` of rows from before that; None for rows that recorded neither."""
+    if "machine" in row:
+        return row["machine"]
+    if "device" in row:
+        return {"cpu": row["device"], **{k.replace("-", "_"): v for k, v in row.get("software", {}).items()}}
+    return None
+
+
+def measured_on(rows: list[dict], baselines: dict | None = None) -> dict:
+    """The machine the rows ran on, from the rows themselves, not from the host writing the report (a
+    report rebuilt elsewhere would otherwise relabel every number). A field the rows disagree on is a
+    sorted list of its values. Rows that recorded no machine get their CPU from the store's baselines
+    (`baselines.json`: every row's budget and latency hang on the (model, data) baseline, timed on the
+    store's one machine); their versions count as not recorded."""
+    seen: dict[str, set] = defaultdict(set)
+    unrecorded = 0
+    for r in rows:
+        m = _row_machine(r)
+        if m is None:
+            unrecorded += 1
+            base = (baselines or {}).get(f"{r['model']}--{r['data']}--{r['target']}", {})
+            seen["cpu"].add(base.get("device", NOT_RECORDED))
+            continue
+        for key, value in m.items():
+            seen[key].add(value)
+    if unrecorded:
+        for key in set(seen) - {"cpu"}:
+            seen[key].add(NOT_RECORDED)
+        for key in ("cores", "torch", "onnxruntime"):  # the page's machine line names these
+            seen.setdefault(key, {NOT_RECORDED})
+    out: dict = {k: (next(iter(v)) if len(v) == 1 else sorted(v, key=str)) for k, v in seen.items()}
+    if unrecorded:
+        out["rows_without_machine"] = unrecorded
+    return out
+
+
+def machine_line(m: dict) -> str:
+    """The page's "Machine:" sentence for `measured_on`'s dict; fields no row recorded are left out."""
+    def show(key: str) -> str | None:
+        values = [v for v in (m.get(key) if isinstance(m.get(key), list) else [m.get(key)]) if v != NOT_RECORDED]
+        return " / ".join(map(str, values)) if values and None not in values else None
+    parts = [(show("cpu") or NOT_RECORDED) + (" (from the stored baselines)" if m.get("rows_without_machine") else "")]
+    for key, template in (("cores", "{} cores"), ("onnxruntime", "ONNX Runtime {}"), ("torch", "torch {}")):
+        if show(key):
+            parts.append(template.format(show(key)))
+    unrecorded = m.get("rows_without_machine")
+    return ("Machine: " + ", ".join(parts)
+            + (f"; {unrecorded} rows did not record their cores and versions" if unrecorded else "") + ".")
+
+
 def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expected_rows: int,
                   command: str, recipe: dict, findings: str | None = None,
-                  training: list[dict] | None = None) -> list[dict]:
+                  training: list[dict] | None = None, baselines: dict | None = None) -> list[dict]:
     """Write summary.json, README.md and the PNGs. With the grid's methods and budgets in
     `grid_description`, rows of unfinished cells are counted but left out of the tables.
-    `training`: per-cell training records, for the time section."""
+    `training`: per-cell training records, for the time section. `baselines`: the row store's
+    baselines.json, for the machine of rows that did not record one (`measured_on`)."""
     cost = time_summary(rows, training or [])
+    host = measured_on(rows, baselines)
     waiting: list[dict] = []
     if "methods" in grid_description and "budgets" in grid_description:
         rows, waiting = finished_cells(rows, grid_description["methods"], grid_description["budgets"])
     summary = summarise(rows)
     pairs = sorted({(s["model"], s["data"]) for s in summary})
-    payload = {"rows": summary, "generated_utc": rows[-1]["finished_utc"] if rows else None, "machine": machine(),
+    payload = {"rows": summary, "generated_utc": rows[-1]["finished_utc"] if rows else None, "machine": host,
                "command": command, "grid": grid_description, "recipe": recipe,
                "complete": len(rows) == expected_rows, "row_runs": len(rows) + len(waiting),
                "rows_waiting": len(waiting), "expected_row_runs": expected_rows,
@@ -271,8 +327,7 @@ def write_outputs(rows: list[dict], out: Path, *, grid_description: dict, expect
     atomic_write_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
     plots = [(m, d) for m, d in pairs if plot_pareto(summary, m, d, out / f"pareto-{m}-{d}.png")]
     lines = [f"# Peer benchmark: accuracy at a measured latency budget ({'complete' if payload['complete'] else 'PARTIAL'})",
-             "", f"Reproduce: `{command}`. Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
-             f"ONNX Runtime {payload['machine']['onnxruntime']}, torch {payload['machine']['torch']}.",
+             "", f"Reproduce: `{command}`. {machine_line(host)}",
              f"Rows run: {payload['row_runs']} of {expected_rows} (method x model x data x budget x seed)"
              + (f"; {len(waiting)} of them are in (model, data, seed) cells not every method has finished, "
                 "and wait outside the tables so that every method is averaged over the same seeds"
