@@ -482,3 +482,30 @@ def test_a_row_store_refuses_a_baseline_timed_on_another_host(tmp_path):
     with pytest.raises(StoreOnAnotherHost, match="AMD EPYC.*Intel"):
         baseline_ms(cell, tmp_path)
     assert (tmp_path / "baselines.json").read_text() == stored
+
+
+@pytest.mark.parametrize("command", ["grid", "beta_sweep"])
+def test_the_bench_commands_refuse_another_hosts_store_before_any_work(tmp_path, monkeypatch, capsys, command):
+    """One line and exit 2, before a network is trained or timed (the refusal used to come from the
+    first cell's baseline, after its dense training; from beta_sweep, as a traceback)."""
+    from bench.peers import __main__ as cli
+    from bench.peers import beta_sweep
+    from bench.peers import grid as grids
+
+    store = tmp_path / "rows"
+    store.mkdir()
+    (store / "baselines.json").write_text(json.dumps({"resnet20--digits--cpu": {"latency_ms": 0.7,
+                                                                                 "device": "Another CPU (test)"}}))
+    monkeypatch.setattr(grids, "FULL", dataclasses.replace(grids.FULL, store=store))
+    monkeypatch.setattr(beta_sweep, "STORE", store)
+    monkeypatch.setattr(beta_sweep, "METHODS", dict(METHODS))  # the registry itself stays the six
+    monkeypatch.setattr(cli, "RESULTS", tmp_path / "results")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a network for a store it then refused")
+    monkeypatch.setattr(grids, "trained_weights", no_training)
+    argv = ["--models", "resnet20", "--data", "digits", "--seeds", "0"]
+    code = cli.main(argv) if command == "grid" else beta_sweep.main(["--betas", "5", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "'Another CPU (test)'" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()

@@ -48,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     # The bench's latency tables and Shapley passes live with its rows, not in the user's cache.
     os.environ.setdefault("COMPRESS_CACHE_DIR", str(grids.ROOT / "cache"))
     started = time.perf_counter()
-    if not args.report_only:
-        try:
-            grids.run_grid(run, log=lambda line: print(line, flush=True))
-        except grids.StoreOnAnotherHost as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    if not args.report_only and grids.run_grid_or_refuse(run, log=lambda line: print(line, flush=True)):
+        return 2
     rows = grids.cached_rows(full)
     command = "make bench-quick" if args.quick else "make bench"
     write_outputs(rows, out, grid_description={"models": full.models, "data": full.data, "budgets": full.budgets,

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         run = grids.Grid(tuple(args.models or grids.FULL.models), tuple(args.data or grids.FULL.data),
                          grids.FULL.budgets, tuple(args.seeds or grids.FULL.seeds), names, store=STORE)
-        grids.run_grid(run, log=lambda line: print(line, flush=True))
+        if grids.run_grid_or_refuse(run, log=lambda line: print(line, flush=True)):
+            return 2
     text = ["# The default `compressor` at other nHSIC betas (log utility)", "",
             "Accuracy %, mean over seeds 0-2, each row searched, fine-tuned and measured as in the peer grid "
             "(`bench/results/README.md`); \"over\": seeds whose final reading missed the budget.", "",

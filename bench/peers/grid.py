@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from bench.peers.context import Cell, StageClock
 from bench.peers.methods import METHODS
 from compressor.job_config import BETA_PER_LAYER, SHAPLEY_EVALUATIONS, SHAPLEY_MAX_CHANNELS
 from deploy.atomic_io import atomic_write_text
+from deploy.cpu_info import cpu_model
 
 TARGET = "cpu"
 FINETUNE_EPOCHS = 3
@@ -115,12 +117,7 @@ def baseline_ms(cell: Cell, store: Path) -> float:
     known = read_json(path) or {}
     key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
     here = cell.backend.device_name()
-    if key in known and known[key].get("device") not in (None, here):
-        # Budgets are fractions of this baseline, and every row's latency is a ratio times it: rows timed
-        # on another CPU would be judged and reported against a machine they never ran on.
-        raise StoreOnAnotherHost(f"{path}: the {key} baseline was measured on {known[key]['device']!r}, and this "
-                                 f"host is {here!r}; one row store holds one machine's rows (start from an empty "
-                                 "store here, or run on that machine)")
+    check_store_host(store, here)
     if key not in known:
         # The median of several measurements: every budget of every seed hangs on this number, and
         # one reading taken in a slow minute (MobileNetV2/digits read 2.52 ms once, against 2.16-2.42 ms
@@ -135,6 +132,31 @@ def baseline_ms(cell: Cell, store: Path) -> float:
 
 class StoreOnAnotherHost(Exception):
     """The row store's baselines were timed on a different CPU than this one."""
+
+
+def check_store_host(store: Path, here: str) -> None:
+    """Refuse a store whose baselines were timed on another device than `here`. Budgets are fractions of
+    those baselines and every row's latency is a ratio times one: rows timed on another CPU would be
+    judged and reported against a machine they never ran on."""
+    path = store / "baselines.json"
+    others = sorted({b.get("device") for b in (read_json(path) or {}).values()} - {None, here})
+    if others:
+        raise StoreOnAnotherHost(f"{path}: its baselines were measured on {', '.join(map(repr, others))}, and this "
+                                 f"host is {here!r}; one row store holds one machine's rows (start from an empty "
+                                 "store here, or run on that machine)")
+
+
+def run_grid_or_refuse(grid: Grid, log=print) -> int:
+    """`run_grid` for a command line: 0 when done; 2, with one line on stderr, when the store's baselines
+    are another machine's (checked before any network is trained or timed)."""
+    try:
+        # The grid's target is `cpu`, whose backend (ONNX Runtime) names its device by the CPU model.
+        check_store_host(grid.store, cpu_model())
+        run_grid(grid, log=log)
+    except StoreOnAnotherHost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _now() -> str:
