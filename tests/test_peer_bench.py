@@ -509,3 +509,11 @@ def test_the_bench_commands_refuse_another_hosts_store_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "'Another CPU (test)'" in err and "Traceback" not in err
     assert not (tmp_path / "results").exists()
+    if command == "grid":
+        # With every row of the selection run, the store is only read: `make bench` from a fresh clone
+        # reports the committed grid on any host.
+        for budget in grids.FULL.budgets:
+            path = grids.row_path("uniform-l1", "resnet20", "digits", budget, 0, store)
+            path.write_text(json.dumps({**_row(0, 0.9), "budget_fraction": budget}))
+        assert cli.main([*argv, "--methods", "uniform-l1"]) == 0
+        assert json.loads((tmp_path / "results" / "summary.json").read_text())["row_runs"] == 2

@@ -150,8 +150,9 @@ def run_grid_or_refuse(grid: Grid, log=print) -> int:
     """`run_grid` for a command line: 0 when done; 2, with one line on stderr, when the store's baselines
     are another machine's (checked before any network is trained or timed)."""
     try:
-        # The grid's target is `cpu`, whose backend (ONNX Runtime) names its device by the CPU model.
-        check_store_host(grid.store, cpu_model())
+        if pending_rows(grid):  # a store with every row run is only read: any host may report it
+            # The grid's target is `cpu`, whose backend (ONNX Runtime) names its device by the CPU model.
+            check_store_host(grid.store, cpu_model())
         run_grid(grid, log=log)
     except StoreOnAnotherHost as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -238,13 +239,24 @@ def training_records(grid: Grid, *, store_only: bool = False) -> list[dict]:
     return out
 
 
+def _cell_rows(grid: Grid, seed: int, model: str, data: str) -> tuple[dict, dict]:
+    """One cell's row paths and the rows already run, by (method, budget); None where a row is still
+    to run (error rows are run again)."""
+    paths = {(m, b): row_path(m, model, data, b, seed, grid.store) for b in grid.budgets for m in grid.methods}
+    done = {k: read_json(p) for k, p in paths.items()}
+    return paths, {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}
+
+
+def pending_rows(grid: Grid) -> int:
+    """How many of `grid`'s rows the store does not hold yet."""
+    return sum(r is None for cell in grid.cells() for r in _cell_rows(grid, *cell)[1].values())
+
+
 def run_grid(grid: Grid, log=print) -> None:
     """Run every row of `grid` that the row cache does not hold yet (error rows are run again);
     `cached_rows` reads them all back."""
     for seed, model, data in grid.cells():
-        paths = {(m, b): row_path(m, model, data, b, seed, grid.store) for b in grid.budgets for m in grid.methods}
-        done = {k: read_json(p) for k, p in paths.items()}
-        done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
+        paths, done = _cell_rows(grid, seed, model, data)
         if all(r is not None for r in done.values()):
             continue
         recipe = train_recipe(model, data)
