@@ -10,11 +10,13 @@ baseline's own reading at the start of the job: 1.0 on a steady host, 1.3 when e
 30 % slower. Past `DRIFT_TOLERANCE` the plan's reading is divided by the drift before it corrects
 the latency model or decides the acceptance band; the report keeps both numbers. The delivered
 model's final reading is never normalised: the verdict is what was measured, and the report says
-when the host drifted while it was taken.
+when the host drifted while it was taken. A `--speedup` verdict taken while the host was disturbed is
+taken again instead (`DriftProbe.speedup_verdict`): stolen time moves the ratio as well as the times.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,15 @@ from deploy.side_by_side import SideBySide, time_runners_side_by_side
 # A steady host repeats a median within 1-2 % (ONNX Runtime, one thread, 2-core VM); 5 % is past
 # that noise, and below the 10 % guard band of the loop's acceptance window.
 DRIFT_TOLERANCE = 0.05
+
+# A disturbed host moves a side-by-side ratio too, not only the times: time stolen from every run
+# weighs more on the smaller model. On the 2-core VM a ResNet-20 plan read 0.61x its baseline in the
+# loop and 0.74x in a verdict whose baseline blocks ran 31% slow (a 1.5x budget missed at 1.35x).
+# So a verdict whose baseline blocks ran past the tolerance slower than the quietest baseline reading
+# of the job is taken again after a pause, at most this many times. (Against the quietest reading, not
+# the first: a first reading taken in a slow moment would mark every later one as disturbed.)
+VERDICT_RETAKES = 2
+RETAKE_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,59 @@ class Reading:
             return ""
         return (f"the host ran {self.host_drift - 1:+.0%} against the baseline's timing while this plan was "
                 f"measured ({self.latency_ms:.4g} ms); the loop used {self.normalised_ms:.4g} ms")
+
+
+@dataclass(frozen=True)
+class VerdictReading:
+    """One side-by-side reading for a verdict. `host_drift`: the baseline's blocks over its first reading
+    (as in the loop's rows); `slowdown`: over the quietest baseline reading of the job so far."""
+
+    pair: SideBySide
+    host_drift: float
+    slowdown: float
+
+    @property
+    def disturbed(self) -> bool:
+        return self.slowdown > 1.0 + DRIFT_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The side-by-side reading a speedup budget is judged by: of the readings taken (a disturbed host's
+    is taken again), the one whose baseline blocks ran closest to the job's quietest baseline reading.
+    That choice looks at the baseline's blocks only, never at the subject's."""
+
+    kept: VerdictReading
+    readings: tuple[VerdictReading, ...]
+
+    @property
+    def speedup(self) -> float:
+        return self.kept.pair.speedup
+
+    @property
+    def disturbed(self) -> bool:
+        """Every reading was taken on a disturbed host: the verdict stands, flagged."""
+        return self.kept.disturbed
+
+    def to_report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.kept.pair.to_report(), "host_drift": self.kept.host_drift,
+                               "slowdown": self.kept.slowdown}
+        if len(self.readings) > 1:
+            out["readings"] = [{"speedup": r.pair.speedup, "host_drift": r.host_drift, "slowdown": r.slowdown,
+                                "kept": r is self.kept} for r in self.readings]
+        return out
+
+    def describe(self) -> str:
+        """One line for the report when the verdict was taken again or on a disturbed host; empty otherwise."""
+        if len(self.readings) == 1 and not self.disturbed:
+            return ""
+        seen = ", ".join(f"{r.pair.speedup:.3g}x with the baseline {r.slowdown - 1:+.0%}" for r in self.readings)
+        if self.disturbed:
+            return (f"the speedup verdict was taken on a disturbed host: in each of {len(self.readings)} readings "
+                    f"the baseline ran more than {DRIFT_TOLERANCE:.0%} slower than its quietest reading of the job "
+                    f"({seen}); the closest is kept. Re-measure on a quiet host before trusting a close verdict")
+        return (f"the speedup verdict was taken {len(self.readings)} times, the host being disturbed ({seen}); "
+                f"the reading taken at the baseline's quiet speed is kept")
 
 
 class DriftProbe:
@@ -99,6 +163,23 @@ class DriftProbe:
                                          iterations=self.iterations)
         self.checks.append(pair.reference_ms / self.reference_ms)
         return pair
+
+    def speedup_verdict(self, model_path: str | os.PathLike, *, retakes: int = VERDICT_RETAKES,
+                        pause_s: float = RETAKE_PAUSE_S) -> Verdict:
+        """`model_path` timed side by side with the baseline for a speedup verdict; taken again, after
+        `pause_s`, while the baseline's blocks ran past the tolerance slower than its quietest reading of
+        the job (time stolen from the host only ever slows a run), at most `retakes` times."""
+        quietest = min([1.0, *self.checks])  # the baseline's fastest reading so far, over its first
+        readings: list[VerdictReading] = []
+        for attempt in range(retakes + 1):
+            if attempt:
+                time.sleep(pause_s)
+            pair = self.side_by_side(model_path)
+            drift = pair.reference_ms / self.reference_ms
+            readings.append(VerdictReading(pair, drift, drift / quietest))
+            if not readings[-1].disturbed:
+                break
+        return Verdict(min(readings, key=lambda r: abs(r.slowdown - 1.0)), tuple(readings))
 
     def plan_reading(self, plan_path: str | os.PathLike) -> Reading:
         """A plan timed side by side with the baseline: its median, and the drift from the baseline's

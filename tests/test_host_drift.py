@@ -130,6 +130,104 @@ def test_the_final_reading_records_drift_but_stays_as_measured(tiny_onnx):
     assert ctx.timings["measure"] > 0
 
 
+# The speedup verdict: a baseline (4 ms a run) and a plan (2 ms) on a host that, while busy, adds 4 ms to
+# every run of either: a quiet ratio of ~0.5 reads ~0.75 busy, as time stolen from each run does.
+BASE_SLEEP_S = {"tiny.onnx": 0.004, "plan.onnx": 0.002}
+STOLEN_S = 0.004
+
+
+class _CountdownHost:
+    """Busy for the next `busy_runs` runs, quiet after."""
+
+    def __init__(self, busy_runs: int = 0):
+        self.busy_runs = busy_runs
+
+    def stolen(self) -> float:
+        if self.busy_runs > 0:
+            self.busy_runs -= 1
+            return STOLEN_S
+        return 0.0
+
+
+class _StolenTimeRunner(_SharedHostRunner):
+    def __init__(self, inner, host: _CountdownHost, sleep_s: float):
+        super().__init__(inner, host)
+        self.sleep_s = sleep_s
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self.inner.run(x)
+        time.sleep(self.sleep_s + self.host.stolen())
+        return out
+
+
+class _StolenTimeOrt(OnnxRuntimeCPU):
+    def __init__(self, host: _CountdownHost):
+        super().__init__(intra_op_threads=1)
+        self.host = host
+
+    def create_runner(self, onnx_path):
+        return _StolenTimeRunner(super().create_runner(onnx_path), self.host, BASE_SLEEP_S[Path(onnx_path).name])
+
+
+def _verdict_probe(tiny_onnx, tmp_path, host: _CountdownHost, *, busy_reference: bool = False
+                   ) -> tuple[DriftProbe, Path]:
+    plan = tmp_path / "plan.onnx"
+    plan.write_bytes(tiny_onnx.read_bytes())
+    backend = _StolenTimeOrt(host)
+    host.busy_runs = 10**9 if busy_reference else 0
+    reference = backend.measure(tiny_onnx, SHAPE, warmup=2, iterations=20).latency.median_ms
+    host.busy_runs = 0
+    probe = DriftProbe(backend, tiny_onnx, SHAPE, reference, warmup=2, iterations=40, max_cv=0.5)
+    probe.drift()  # the loop's check: opens the baseline's runner
+    return probe, plan
+
+
+def test_a_speedup_verdict_on_a_quiet_host_is_one_reading(tiny_onnx, tmp_path):
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, _CountdownHost())
+    verdict = probe.speedup_verdict(plan, pause_s=0)
+    assert len(verdict.readings) == 1 and not verdict.disturbed and verdict.describe() == ""
+    assert 1.6 < verdict.speedup < 2.4  # 4 ms against 2 ms
+    report = verdict.to_report()
+    assert "readings" not in report and report["speedup"] == verdict.speedup and report["slowdown"] > 0
+
+
+def test_a_speedup_verdict_taken_on_a_disturbed_host_is_taken_again(tiny_onnx, tmp_path):
+    """The first reading's runs are all slowed by stolen time: its ratio reads ~0.75, and a 2x plan would
+    fail a 1.5x budget. Its baseline blocks ran ~2x their quiet speed, so it is taken again, and the
+    quiet reading is kept."""
+    host = _CountdownHost()
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, host)
+    host.busy_runs = 2 * (2 + 40)  # exactly the first reading: both models' warm-up and timed runs
+    verdict = probe.speedup_verdict(plan, pause_s=0)
+    busy, quiet = verdict.readings
+    assert busy.disturbed and busy.slowdown > 1.5 and busy.pair.speedup < 1.5  # what one reading would judge
+    assert not quiet.disturbed and 1.6 < quiet.pair.speedup < 2.4
+    assert verdict.kept is quiet and not verdict.disturbed
+    report = verdict.to_report()
+    assert [r["kept"] for r in report["readings"]] == [False, True] and report["slowdown"] == quiet.slowdown
+    assert "taken 2 times" in verdict.describe()
+
+
+def test_a_speedup_verdict_on_a_host_busy_throughout_is_flagged(tiny_onnx, tmp_path):
+    host = _CountdownHost()
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, host)
+    host.busy_runs = 10**9
+    verdict = probe.speedup_verdict(plan, retakes=2, pause_s=0)
+    assert len(verdict.readings) == 3 and verdict.disturbed
+    assert verdict.kept == min(verdict.readings, key=lambda r: abs(r.slowdown - 1))
+    assert "disturbed host" in verdict.describe() and "Re-measure on a quiet host" in verdict.describe()
+
+
+def test_a_baseline_first_timed_in_a_slow_moment_does_not_mark_a_quiet_verdict(tiny_onnx, tmp_path):
+    """The job's first baseline reading was busy; the loop's checks since ran quiet, at ~half of it. The
+    verdict's blocks match those checks: one reading, not flagged, though its drift is ~0.5."""
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, _CountdownHost(), busy_reference=True)
+    assert probe.checks[0] < 0.75
+    verdict = probe.speedup_verdict(plan, pause_s=0)
+    assert len(verdict.readings) == 1 and not verdict.disturbed
+    assert verdict.kept.host_drift < 0.75 and abs(verdict.kept.slowdown - 1) <= DRIFT_TOLERANCE
+
+
 def test_runner_at_builds_tensorrt_at_the_shape_asked_for(tiny_onnx):
     from deploy.backends.tensorrt import TensorRTBackend
 
