@@ -213,9 +213,10 @@ def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: s
     measured = sum(1 for e in loop if e.get("measured_latency_ms") is not None)
     drift_checks = sum(1 for e in report["loop"] if e.get("host_drift") is not None)  # the baseline beside them
     table_info = report.get("latency_model") or {}
-    verdict_pair = 2 if report["compressed"].get("speedup") else 0  # the final speed-up, timed side by side
+    verdict = report["compressed"].get("speedup")  # the final speed-up, timed side by side (taken again
+    verdict_pairs = 2 * len(verdict.get("readings") or [verdict]) if verdict else 0  # on a disturbed host)
     # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
-    extra = 2 + measured + drift_checks + verdict_pair + int(table_info.get("provenance", {}).get("variants", 0))
+    extra = 2 + measured + drift_checks + verdict_pairs + int(table_info.get("provenance", {}).get("variants", 0))
     probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
                "latency_ms": e.get("measured_latency_ms"),
                **({"host_drift": e["host_drift"]} if "host_drift" in e else {}),
