@@ -540,8 +540,8 @@ def measure_speedup(ctx: JobContext, probe: DriftProbe, deliverable: Path) -> Ve
         log.info("side by side: %.4f ms vs baseline %.4f ms over %d blocks, speedup %.3fx, host drift %.3f, "
                  "slowdown %.3f", r.pair.subject_ms, r.pair.reference_ms, r.pair.blocks, r.pair.speedup, r.host_drift,
                  r.slowdown)
-    if verdict.describe():
-        ctx.console.warn(verdict.describe())
+    if note := verdict.describe():
+        ctx.console.warn(note)
     return verdict
 
 

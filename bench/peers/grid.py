@@ -114,10 +114,9 @@ def baseline_ms(cell: Cell, store: Path) -> float:
     """The dense architecture's measured latency for (model, data), measured once and kept: every
     seed and method gets the same budget in milliseconds (latency does not depend on weights)."""
     path = store / "baselines.json"
-    known = read_json(path) or {}
-    key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
     here = cell.backend.device_name()
-    check_store_host(store, here)
+    known = store_baselines(store, here)
+    key = f"{cell.model_name}--{cell.data_name}--{TARGET}"
     if key not in known:
         # The median of several measurements: every budget of every seed hangs on this number, and
         # one reading taken in a slow minute (MobileNetV2/digits read 2.52 ms once, against 2.16-2.42 ms
@@ -134,25 +133,24 @@ class StoreOnAnotherHost(Exception):
     """The row store's baselines were timed on a different CPU than this one."""
 
 
-def check_store_host(store: Path, here: str) -> None:
-    """Refuse a store whose baselines were timed on another device than `here`. Budgets are fractions of
-    those baselines and every row's latency is a ratio times one: rows timed on another CPU would be
-    judged and reported against a machine they never ran on."""
+def store_baselines(store: Path, here: str) -> dict:
+    """The store's baselines.json, refused (StoreOnAnotherHost) when they were timed on another device
+    than `here`. Budgets are fractions of those baselines and every row's latency is a ratio times one:
+    rows timed on another CPU would be judged and reported against a machine they never ran on."""
     path = store / "baselines.json"
-    others = sorted({b.get("device") for b in (read_json(path) or {}).values()} - {None, here})
+    known = read_json(path) or {}
+    others = sorted({b.get("device") for b in known.values()} - {None, here})
     if others:
         raise StoreOnAnotherHost(f"{path}: its baselines were measured on {', '.join(map(repr, others))}, and this "
                                  f"host is {here!r}; one row store holds one machine's rows (start from an empty "
                                  "store here, or run on that machine)")
+    return known
 
 
 def run_grid_or_refuse(grid: Grid, log=print) -> int:
     """`run_grid` for a command line: 0 when done; 2, with one line on stderr, when the store's baselines
-    are another machine's (checked before any network is trained or timed)."""
+    are another machine's (`run_grid` checks before it trains or times anything)."""
     try:
-        if pending_rows(grid):  # a store with every row run is only read: any host may report it
-            # The grid's target is `cpu`, whose backend (ONNX Runtime) names its device by the CPU model.
-            check_store_host(grid.store, cpu_model())
         run_grid(grid, log=log)
     except StoreOnAnotherHost as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -239,26 +237,19 @@ def training_records(grid: Grid, *, store_only: bool = False) -> list[dict]:
     return out
 
 
-def _cell_rows(grid: Grid, seed: int, model: str, data: str) -> tuple[dict, dict]:
-    """One cell's row paths and the rows already run, by (method, budget); None where a row is still
-    to run (error rows are run again)."""
-    paths = {(m, b): row_path(m, model, data, b, seed, grid.store) for b in grid.budgets for m in grid.methods}
-    done = {k: read_json(p) for k, p in paths.items()}
-    return paths, {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}
-
-
-def pending_rows(grid: Grid) -> int:
-    """How many of `grid`'s rows the store does not hold yet."""
-    return sum(r is None for cell in grid.cells() for r in _cell_rows(grid, *cell)[1].values())
-
-
 def run_grid(grid: Grid, log=print) -> None:
     """Run every row of `grid` that the row cache does not hold yet (error rows are run again);
-    `cached_rows` reads them all back."""
+    `cached_rows` reads them all back. A store whose every row is in is only read, on any host; one
+    with rows to run is refused (StoreOnAnotherHost) before anything is trained when its baselines are
+    another machine's."""
     for seed, model, data in grid.cells():
-        paths, done = _cell_rows(grid, seed, model, data)
+        paths = {(m, b): row_path(m, model, data, b, seed, grid.store) for b in grid.budgets for m in grid.methods}
+        done = {k: read_json(p) for k, p in paths.items()}
+        done = {k: (r if r is not None and "error" not in r else None) for k, r in done.items()}  # errors rerun
         if all(r is not None for r in done.values()):
             continue
+        # The grid's target is `cpu`, whose backend (ONNX Runtime) names its device by the CPU model.
+        store_baselines(grid.store, cpu_model())
         recipe = train_recipe(model, data)
         weights = trained_weights(model, data, epochs=TRAIN_EPOCHS[data], seed=seed, recipe=recipe)
         cell = Cell.open(model, data, seed, weights, target=TARGET,  # a new recipe's weights get a fresh folder
