@@ -3,7 +3,8 @@
 Each iteration solves against the model corrected by every plan measured so far
 (`CorrectedLatency`): one miss rescales the model; once plans on both sides of the budget are
 measured, the next one is aimed between them. A reading taken while the host ran slower
-than when the baseline was timed is normalised by that drift first (`compressor.host_drift`).
+than when the baseline was timed is normalised by that drift first, and one taken while the host
+was disturbed is taken again before that (`compressor.host_drift`).
 It stops at the first plan measured inside
 the acceptance band, or after `max_iterations`. The pipeline (`search_latency`) and the latency
 bench (bench/latency_model.py) run this same function; only how a plan is built and measured
@@ -91,7 +92,13 @@ def run_closed_loop(model: LatencyModel, budget_ms: float, order: Sequence[str],
         if reading.host_drift is not None:
             entry["host_drift"] = reading.host_drift
         if reading.drifted:
-            entry.update({"normalised_latency_ms": latency, "note": reading.describe()})
+            entry["normalised_latency_ms"] = latency
+        if reading.settled is not None:
+            entry["slowdown"] = reading.settled.kept.slowdown
+            if reading.settled.retaken:
+                entry["readings"] = reading.settled.readings_report()
+        if note := reading.describe():
+            entry["note"] = note
         trials.append(Trial(allocation.keep, latency, allocation, entry))
         if on_iteration:
             on_iteration(entry)

@@ -31,19 +31,75 @@ DRIFT_TOLERANCE = 0.05
 # A disturbed host moves a side-by-side ratio too, not only the times: time stolen from every run
 # weighs more on the smaller model. On the 2-core VM a ResNet-20 plan read 0.61x its baseline in the
 # loop and 0.74x in a verdict whose baseline blocks ran 31% slow (a 1.5x budget missed at 1.35x).
-# So a verdict whose baseline blocks ran past the tolerance slower than the quietest baseline reading
-# of the job is taken again after a pause, at most this many times. (Against the quietest reading, not
-# the first: a first reading taken in a slow moment would mark every later one as disturbed.)
-VERDICT_RETAKES = 2
+# Dividing by the drift cannot undo that, so a side-by-side reading whose baseline blocks ran past the
+# tolerance slower than the quietest baseline reading of the job is taken again after a pause, at most
+# this many times. (Against the quietest reading, not the first: a first reading taken in a slow moment
+# would mark every later one as disturbed.)
+RETAKES = 2
 RETAKE_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
+class PairReading:
+    """One side-by-side reading of a model and the baseline. `host_drift`: the baseline's blocks over its
+    first reading (as in the loop's rows); `slowdown`: over the quietest baseline reading of the job so far."""
+
+    pair: SideBySide
+    host_drift: float
+    slowdown: float
+
+    @property
+    def disturbed(self) -> bool:
+        return self.slowdown > 1.0 + DRIFT_TOLERANCE
+
+    def to_report(self, kept: bool) -> dict[str, Any]:
+        return {"latency_ms": self.pair.subject_ms, "speedup": self.pair.speedup, "host_drift": self.host_drift,
+                "slowdown": self.slowdown, "kept": kept}
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The side-by-side readings of one model (a disturbed host's reading is taken again) and the one kept:
+    the reading whose baseline blocks ran closest to the job's quietest baseline reading. That choice looks
+    at the baseline's blocks only, never at the subject's."""
+
+    kept: PairReading
+    readings: tuple[PairReading, ...]
+
+    @property
+    def disturbed(self) -> bool:
+        """Every reading was taken on a disturbed host: the kept one stands, flagged."""
+        return self.kept.disturbed
+
+    @property
+    def retaken(self) -> bool:
+        return len(self.readings) > 1
+
+    def readings_report(self) -> list[dict[str, Any]]:
+        return [r.to_report(r is self.kept) for r in self.readings]
+
+    def describe(self, what: str) -> str:
+        """One line for the report when `what` (the speedup verdict, a plan's reading) was taken again or
+        on a disturbed host; empty otherwise."""
+        if not self.retaken and not self.disturbed:
+            return ""
+        seen = ", ".join(f"{r.pair.speedup:.3g}x with the baseline {r.slowdown - 1:+.0%}" for r in self.readings)
+        if self.disturbed:
+            return (f"{what} was taken on a disturbed host: in each of {len(self.readings)} readings "
+                    f"the baseline ran more than {DRIFT_TOLERANCE:.0%} slower than its quietest reading of the job "
+                    f"({seen}); the closest is kept. Re-measure on a quiet host before trusting a close result")
+        return (f"{what} was taken {len(self.readings)} times, the host being disturbed ({seen}); "
+                f"the reading taken at the baseline's quiet speed is kept")
+
+
+@dataclass(frozen=True)
 class Reading:
-    """A plan's measured latency and the host's drift when it was taken (None: not checked)."""
+    """A plan's measured latency and the host's drift when it was taken (None: not checked). `settled`:
+    the side-by-side readings it was chosen from, when it was timed beside the baseline."""
 
     latency_ms: float
     host_drift: float | None = None
+    settled: Settled | None = None
 
     @property
     def drifted(self) -> bool:
@@ -56,35 +112,27 @@ class Reading:
         return self.latency_ms / self.host_drift if self.drifted else self.latency_ms
 
     def describe(self) -> str:
-        """One line for the report when the reading was normalised; empty otherwise."""
-        if not self.drifted:
-            return ""
-        return (f"the host ran {self.host_drift - 1:+.0%} against the baseline's timing while this plan was "
-                f"measured ({self.latency_ms:.4g} ms); the loop used {self.normalised_ms:.4g} ms")
-
-
-@dataclass(frozen=True)
-class VerdictReading:
-    """One side-by-side reading for a verdict. `host_drift`: the baseline's blocks over its first reading
-    (as in the loop's rows); `slowdown`: over the quietest baseline reading of the job so far."""
-
-    pair: SideBySide
-    host_drift: float
-    slowdown: float
-
-    @property
-    def disturbed(self) -> bool:
-        return self.slowdown > 1.0 + DRIFT_TOLERANCE
+        """One line for the report when the reading was taken again or normalised; empty otherwise."""
+        notes = [self.settled.describe("this plan's reading")] if self.settled is not None else []
+        if self.drifted:
+            notes.append(f"the host ran {self.host_drift - 1:+.0%} against the baseline's timing while this plan was "
+                         f"measured ({self.latency_ms:.4g} ms); the loop used {self.normalised_ms:.4g} ms")
+        return "; ".join(n for n in notes if n)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The side-by-side reading a speedup budget is judged by: of the readings taken (a disturbed host's
-    is taken again), the one whose baseline blocks ran closest to the job's quietest baseline reading.
-    That choice looks at the baseline's blocks only, never at the subject's."""
+    """The side-by-side reading a speedup budget is judged by (`Settled`: taken again on a disturbed host)."""
 
-    kept: VerdictReading
-    readings: tuple[VerdictReading, ...]
+    settled: Settled
+
+    @property
+    def kept(self) -> PairReading:
+        return self.settled.kept
+
+    @property
+    def readings(self) -> tuple[PairReading, ...]:
+        return self.settled.readings
 
     @property
     def speedup(self) -> float:
@@ -92,28 +140,18 @@ class Verdict:
 
     @property
     def disturbed(self) -> bool:
-        """Every reading was taken on a disturbed host: the verdict stands, flagged."""
-        return self.kept.disturbed
+        return self.settled.disturbed
 
     def to_report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.kept.pair.to_report(), "host_drift": self.kept.host_drift,
                                "slowdown": self.kept.slowdown}
-        if len(self.readings) > 1:
-            out["readings"] = [{"speedup": r.pair.speedup, "host_drift": r.host_drift, "slowdown": r.slowdown,
-                                "kept": r is self.kept} for r in self.readings]
+        if self.settled.retaken:
+            out["readings"] = self.settled.readings_report()
         return out
 
     def describe(self) -> str:
         """One line for the report when the verdict was taken again or on a disturbed host; empty otherwise."""
-        if len(self.readings) == 1 and not self.disturbed:
-            return ""
-        seen = ", ".join(f"{r.pair.speedup:.3g}x with the baseline {r.slowdown - 1:+.0%}" for r in self.readings)
-        if self.disturbed:
-            return (f"the speedup verdict was taken on a disturbed host: in each of {len(self.readings)} readings "
-                    f"the baseline ran more than {DRIFT_TOLERANCE:.0%} slower than its quietest reading of the job "
-                    f"({seen}); the closest is kept. Re-measure on a quiet host before trusting a close verdict")
-        return (f"the speedup verdict was taken {len(self.readings)} times, the host being disturbed ({seen}); "
-                f"the reading taken at the baseline's quiet speed is kept")
+        return self.settled.describe("the speedup verdict")
 
 
 class DriftProbe:
@@ -164,28 +202,34 @@ class DriftProbe:
         self.checks.append(pair.reference_ms / self.reference_ms)
         return pair
 
-    def speedup_verdict(self, model_path: str | os.PathLike, *, retakes: int = VERDICT_RETAKES,
-                        pause_s: float = RETAKE_PAUSE_S) -> Verdict:
-        """`model_path` timed side by side with the baseline for a speedup verdict; taken again, after
-        `pause_s`, while the baseline's blocks ran past the tolerance slower than its quietest reading of
-        the job (time stolen from the host only ever slows a run), at most `retakes` times."""
+    def settled_side_by_side(self, model_path: str | os.PathLike, *, retakes: int = RETAKES,
+                             pause_s: float = RETAKE_PAUSE_S) -> Settled:
+        """`model_path` timed side by side with the baseline; taken again, after `pause_s`, while the
+        baseline's blocks ran past the tolerance slower than its quietest reading of the job (time stolen
+        from the host only ever slows a run), at most `retakes` times."""
         quietest = min([1.0, *self.checks])  # the baseline's fastest reading so far, over its first
-        readings: list[VerdictReading] = []
+        readings: list[PairReading] = []
         for attempt in range(retakes + 1):
             if attempt:
                 time.sleep(pause_s)
             pair = self.side_by_side(model_path)
             drift = pair.reference_ms / self.reference_ms
-            readings.append(VerdictReading(pair, drift, drift / quietest))
+            readings.append(PairReading(pair, drift, drift / quietest))
             if not readings[-1].disturbed:
                 break
-        return Verdict(min(readings, key=lambda r: abs(r.slowdown - 1.0)), tuple(readings))
+        return Settled(min(readings, key=lambda r: abs(r.slowdown - 1.0)), tuple(readings))
 
-    def plan_reading(self, plan_path: str | os.PathLike) -> Reading:
-        """A plan timed side by side with the baseline: its median, and the drift from the baseline's
-        blocks taken in between. Timing the plan and then the baseline sees two moments of the host;
-        alternating blocks see the same ones. One MobileNetV2 job timed its baseline in a slow moment
-        (2.66 ms against 2.32 side by side later), so its sequential drift checks read ~1 and a plan
+    def speedup_verdict(self, model_path: str | os.PathLike, *, retakes: int = RETAKES,
+                        pause_s: float = RETAKE_PAUSE_S) -> Verdict:
+        """The delivered model's speedup over the baseline, side by side (`settled_side_by_side`)."""
+        return Verdict(self.settled_side_by_side(model_path, retakes=retakes, pause_s=pause_s))
+
+    def plan_reading(self, plan_path: str | os.PathLike, *, retakes: int = RETAKES,
+                     pause_s: float = RETAKE_PAUSE_S) -> Reading:
+        """A plan timed side by side with the baseline (`settled_side_by_side`): its median, and the drift
+        from the baseline's blocks taken in between. Timing the plan and then the baseline sees two moments
+        of the host; alternating blocks see the same ones. One MobileNetV2 job timed its baseline in a slow
+        moment (2.66 ms against 2.32 side by side later), so its sequential drift checks read ~1 and a plan
         0.73x the baseline passed as 0.62x."""
-        pair = self.side_by_side(plan_path)
-        return Reading(pair.subject_ms, pair.reference_ms / self.reference_ms)
+        settled = self.settled_side_by_side(plan_path, retakes=retakes, pause_s=pause_s)
+        return Reading(settled.kept.pair.subject_ms, settled.kept.host_drift, settled)

@@ -406,6 +406,8 @@ def measure_beside_baseline(ctx: JobContext, probe: DriftProbe, model: torch.nn.
     if reading.drifted:
         ctx.console.warn(f"{label}: the baseline, timed in turn with it, ran {reading.host_drift - 1:+.0%} against its "
                          f"first reading; the host is busy or its clocks moved")
+    if reading.settled is not None and (note := reading.settled.describe(f"{label}'s reading")):
+        ctx.console.warn(note)
     return reading
 
 

@@ -8,8 +8,9 @@ import pytest
 
 from compressor.allocation import solve_allocation
 from compressor.closed_loop import ACCEPT_HIGH, ACCEPT_LOW, Trial, choose_plan, in_band, run_closed_loop
-from compressor.host_drift import Reading
+from compressor.host_drift import PairReading, Reading, Settled
 from compressor.latency_table import WholeNetworkModel
+from deploy.side_by_side import SideBySide
 
 NAMES, CHANNELS = ["a", "b", "c"], [32, 64, 128]
 
@@ -105,6 +106,26 @@ def test_without_the_drift_the_same_reading_sends_the_loop_below_the_budget():
     assert len(calls) >= 2  # it re-solved against a model corrected by the busy reading...
     true_ms = model.predict(np.array([trials[1].keep[n] for n in NAMES], dtype=float))
     assert true_ms < 0.8 * budget  # ...and cut the next plan ~30 % below the budget on a quiet device
+
+
+def test_a_reading_taken_again_is_reported_with_every_reading():
+    """A plan read twice beside the baseline (the first time on a disturbed host): the loop uses the kept
+    reading, and its row lists both, so the report shows what the busy host would have said."""
+    model = _model()
+    budget = 0.5 * model.predict(np.array(CHANNELS, dtype=float))
+
+    def measure(keep, iteration):
+        true_ms = model.predict(np.array([keep[n] for n in NAMES], dtype=float))
+        busy = PairReading(SideBySide(0.75, 1.5 * true_ms, 2.0 * true_ms, 10, 10), 1.3, 1.3)
+        quiet = PairReading(SideBySide(0.5, true_ms, 2.0 * true_ms, 10, 10), 1.0, 1.0)
+        return Reading(true_ms, 1.0, Settled(quiet, (busy, quiet)))
+
+    trials = run_closed_loop(model, budget, NAMES, _solve, measure, max_iterations=4)
+    entry = trials[0].entry
+    assert len(trials) == 1 and entry["in_band"] and "normalised_latency_ms" not in entry
+    assert entry["slowdown"] == 1.0 and [r["kept"] for r in entry["readings"]] == [False, True]
+    assert entry["readings"][0]["latency_ms"] == pytest.approx(1.5 * entry["measured_latency_ms"])
+    assert "taken 2 times" in entry["note"]
 
 
 def test_a_model_wrong_by_more_for_larger_plans_is_bracketed_not_bounced():

@@ -228,6 +228,29 @@ def test_a_baseline_first_timed_in_a_slow_moment_does_not_mark_a_quiet_verdict(t
     assert verdict.kept.host_drift < 0.75 and abs(verdict.kept.slowdown - 1) <= DRIFT_TOLERANCE
 
 
+def test_a_plan_read_on_a_quiet_host_is_one_reading(tiny_onnx, tmp_path):
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, _CountdownHost())
+    reading = probe.plan_reading(plan, pause_s=0)
+    assert not reading.settled.retaken and not reading.settled.disturbed and reading.describe() == ""
+    assert reading.latency_ms == reading.settled.kept.pair.subject_ms and not reading.drifted
+
+
+def test_a_plan_read_on_a_disturbed_host_is_read_again(tiny_onnx, tmp_path):
+    """The loop's reading of a plan, like the verdict, is taken again when its baseline blocks ran slow: the
+    busy reading (4 ms stolen from each 2 ms run) would tell the loop the plan is ~0.75x the baseline, not
+    ~0.5x, and send it to cut the next plan far narrower than the budget needs."""
+    host = _CountdownHost()
+    probe, plan = _verdict_probe(tiny_onnx, tmp_path, host)
+    host.busy_runs = 2 * (2 + 40)  # exactly the first reading
+    reading = probe.plan_reading(plan, pause_s=0)
+    busy, quiet = reading.settled.readings
+    assert busy.disturbed and busy.pair.subject_ms > 2.5 * quiet.pair.subject_ms
+    assert reading.settled.kept is quiet and reading.latency_ms == quiet.pair.subject_ms
+    assert reading.host_drift == quiet.host_drift and not reading.drifted
+    assert "this plan's reading was taken 2 times" in reading.describe()
+    assert [r["kept"] for r in reading.settled.readings_report()] == [False, True]
+
+
 def test_runner_at_builds_tensorrt_at_the_shape_asked_for(tiny_onnx):
     from deploy.backends.tensorrt import TensorRTBackend
 

@@ -210,13 +210,16 @@ def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: s
         clock.seconds[stage] = clock.seconds.get(stage, 0.0) + float(seconds)
     clock.seconds["other"] = clock.seconds.get("other", 0.0) + max(0.0, wall - sum(timings.values()))
     loop = [e for e in report["loop"] if e.get("iteration") != "final"]
-    measured = sum(1 for e in loop if e.get("measured_latency_ms") is not None)
-    drift_checks = sum(1 for e in report["loop"] if e.get("host_drift") is not None)  # the baseline beside them
+    # each plan's readings (taken again on a disturbed host), with the baseline's blocks beside each
+    plan_readings = sum(len(e.get("readings") or [e]) * (2 if "host_drift" in e else 1)
+                        for e in loop if e.get("measured_latency_ms") is not None)
+    final_check = sum(1 for e in report["loop"] if e.get("iteration") == "final" and e.get("host_drift") is not None)
     table_info = report.get("latency_model") or {}
     verdict = report["compressed"].get("speedup")  # the final speed-up, timed side by side (taken again
     verdict_pairs = 2 * len(verdict.get("readings") or [verdict]) if verdict else 0  # on a disturbed host)
     # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
-    extra = 2 + measured + drift_checks + verdict_pairs + int(table_info.get("provenance", {}).get("variants", 0))
+    extra = (2 + plan_readings + final_check + verdict_pairs
+             + int(table_info.get("provenance", {}).get("variants", 0)))
     probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
                "latency_ms": e.get("measured_latency_ms"),
                **({"host_drift": e["host_drift"]} if "host_drift" in e else {}),
