@@ -187,17 +187,28 @@ class DriftProbe:
         self.checks.append(drift)
         return drift
 
+    def rebase(self, reference_ms: float) -> None:
+        """Take `reference_ms` as the baseline's first reading instead (it was measured again); the checks
+        seen so far are restated against it."""
+        if not reference_ms > 0:
+            raise ValueError(f"the baseline reading must be positive, got {reference_ms!r}")
+        self.checks = [c * self.reference_ms / reference_ms for c in self.checks]
+        self.reference_ms = float(reference_ms)
+
     def reading(self, latency_ms: float) -> Reading:
         """`latency_ms`, just measured, with the drift checked right after it."""
         return Reading(float(latency_ms), self.drift())
 
-    def side_by_side(self, model_path: str | os.PathLike) -> SideBySide:
-        """`model_path` timed in turn with the baseline on the probe's open runner (alternating blocks,
-        `deploy.side_by_side`); the baseline's blocks count as a drift check."""
-        reference, x = self._open()
+    def _subject_runner(self, model_path: str | os.PathLike) -> Any:
         runner = self.backend.runner_at(model_path, self.input_shape)
         check_input_shape(runner.input_shape, self.input_shape, what=Path(model_path).name)
-        pair = time_runners_side_by_side(self.backend, reference, runner, x, warmup=self.warmup,
+        return runner
+
+    def _pair(self, subject: Any) -> SideBySide:
+        """`subject` (an open runner) timed in turn with the baseline on the probe's open runner (alternating
+        blocks, `deploy.side_by_side`); the baseline's blocks count as a drift check."""
+        reference, x = self._open()
+        pair = time_runners_side_by_side(self.backend, reference, subject, x, warmup=self.warmup,
                                          iterations=self.iterations)
         self.checks.append(pair.reference_ms / self.reference_ms)
         return pair
@@ -206,13 +217,15 @@ class DriftProbe:
                              pause_s: float = RETAKE_PAUSE_S) -> Settled:
         """`model_path` timed side by side with the baseline; taken again, after `pause_s`, while the
         baseline's blocks ran past the tolerance slower than its quietest reading of the job (time stolen
-        from the host only ever slows a run), at most `retakes` times."""
+        from the host only ever slows a run), at most `retakes` times. The model's runner is opened once
+        for all of them (TensorRT builds its engine once)."""
+        subject = self._subject_runner(model_path)
         quietest = min([1.0, *self.checks])  # the baseline's fastest reading so far, over its first
         readings: list[PairReading] = []
         for attempt in range(retakes + 1):
             if attempt:
                 time.sleep(pause_s)
-            pair = self.side_by_side(model_path)
+            pair = self._pair(subject)
             drift = pair.reference_ms / self.reference_ms
             readings.append(PairReading(pair, drift, drift / quietest))
             if not readings[-1].disturbed:

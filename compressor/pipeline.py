@@ -29,7 +29,7 @@ from compressor.console import StageConsole
 from compressor.cost_model import CostModel
 from compressor.data import DataSplits, load_data
 from compressor.groups import PrunableGroup, discover_groups
-from compressor.host_drift import DriftProbe, Reading, Verdict
+from compressor.host_drift import DRIFT_TOLERANCE, DriftProbe, Reading, Verdict
 from compressor.importance import ImportanceSettings, layer_importance
 from compressor.job_config import JobConfig
 from compressor.errors import BadInput
@@ -169,6 +169,35 @@ def baseline_drift_probe(ctx: JobContext, baseline_path: Path, baseline_ms: floa
     """Re-times the baseline after each loop reading and the final one (see compressor.host_drift)."""
     return DriftProbe(ctx.backend, baseline_path, (ctx.batch_size, *ctx.input_shape), baseline_ms,
                       warmup=ctx.warmup, iterations=ctx.iterations, max_cv=ctx.profile.max_cv)
+
+
+def confirm_baseline(ctx: JobContext, probe: DriftProbe, measurement: Measurement, path: Path
+                     ) -> tuple[Measurement, str]:
+    """The baseline re-timed once on the probe's runner, before anything is judged against it.
+
+    Time stolen from the host only ever slows a run. So when the baseline now runs past the tolerance
+    faster than its first reading, that reading caught a slow moment, and every later one would be
+    misjudged against it: a plan's reading is scaled up by the drift (read as slower than it is, so the
+    loop cuts a `--latency-ms` plan narrower than it needs), and a `--speedup` budget in ms is loose. On a
+    2-core VM with two bursty neighbours, 4 of 16 jobs' baselines later ran 11-31% faster than their first
+    reading. The baseline is then measured again and the faster measurement kept; the note says so."""
+    started = time.perf_counter()
+    drift = probe.drift()
+    ctx.timings["measure"] += time.perf_counter() - started
+    if drift >= 1.0 - DRIFT_TOLERANCE:
+        return measurement, ""
+    first_ms = measurement.latency.median_ms
+    again = measure_onnx(ctx, path, "baseline (again)")
+    retake = {"first_median_ms": first_ms, "check_drift": drift, "again_median_ms": again.latency.median_ms}
+    if again.latency.median_ms >= first_ms:  # the host slowed again in between: nothing to correct by
+        measurement.telemetry = {**measurement.telemetry, "baseline_retake": {**retake, "kept": "first"}}
+        return measurement, ""
+    again.telemetry = {**again.telemetry, "baseline_retake": {**retake, "kept": "again"}}
+    probe.rebase(again.latency.median_ms)
+    note = (f"the baseline's first reading ({first_ms:.4g} ms) was taken in a slow moment: re-timed at once it ran "
+            f"{drift - 1:+.0%}, and measured again it read {again.latency.median_ms:.4g} ms, which is kept")
+    ctx.console.warn(note)
+    return again, note
 
 
 def check_drift(ctx: JobContext, probe: DriftProbe | None, latency_ms: float, label: str) -> Reading:
@@ -609,6 +638,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     latency_model: LatencyModel | None = None
     latency_info: dict | None = None
     probe: DriftProbe | None = None
+    baseline_note = ""
     if ctx.predicted_only:  # no device: the given table stands in for every latency, labelled
         latency_model, latency_info = obtain_latency_model(ctx, groups, cost_model, workdir)
         baseline_measurement = None
@@ -621,9 +651,11 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     else:
         with console.stage("measuring the baseline on the target"):
             baseline_measurement = export_and_measure(ctx, model, workdir / "baseline.onnx", "baseline")
+            probe = baseline_drift_probe(ctx, workdir / "baseline.onnx", baseline_measurement.latency.median_ms)
+            baseline_measurement, baseline_note = confirm_baseline(ctx, probe, baseline_measurement,
+                                                                   workdir / "baseline.onnx")
         baseline_ms = baseline_measurement.latency.median_ms
         baseline = model_summary(baseline_measurement, base_macs, base_params, baseline_accuracy)
-        probe = baseline_drift_probe(ctx, workdir / "baseline.onnx", baseline_ms)
     console.info(f"baseline: {baseline_ms:.4g} ms median, {base_macs / 1e6:.4g}M MACs, "
                  f"{base_params / 1e6:.4g}M params, accuracy {baseline_accuracy:.2%}")
 
@@ -635,7 +667,7 @@ def _run_stages(ctx: JobContext, started: float) -> dict:
     budget = {"kind": budget_kind, "value": budget_value}
     if kind == "speedup":
         budget["requested"] = {"kind": "speedup", "value": value, "baseline_latency_ms": baseline_ms}
-    notes: list[str] = []
+    notes: list[str] = [baseline_note] if baseline_note else []
     baseline_cost = {"latency_ms": baseline_ms, "flops": base_macs, "params": base_params}[budget_kind]
 
     ranking = ChannelRanking(ctx, model, groups)

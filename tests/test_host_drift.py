@@ -96,13 +96,14 @@ def test_a_plan_timed_beside_a_baseline_first_read_in_a_slow_moment_is_normalise
     host.busy = True
     probe = _probe(backend, tiny_onnx)  # the reference: 3 ms of sleep per run
     host.busy = False
-    first, second = probe.plan_reading(tiny_onnx), probe.plan_reading(tiny_onnx)
+    first, second = probe.plan_reading(tiny_onnx, pause_s=0), probe.plan_reading(tiny_onnx, pause_s=0)
     for reading in (first, second):
         assert reading.host_drift < 0.75 and reading.drifted  # 1 ms of sleep per run now, not 3
         assert reading.normalised_ms == pytest.approx(reading.latency_ms / reading.host_drift)
         assert reading.normalised_ms > 1.3 * reading.latency_ms
-    assert probe.checks == [first.host_drift, second.host_drift]
-    # one runner for the reference measurement, one kept by the probe, one per plan
+    # every side-by-side reading is a check (sleep jitter past 5% can have a plan read again)
+    assert probe.checks == [r.host_drift for r in first.settled.readings + second.settled.readings]
+    # one runner for the reference measurement, one kept by the probe, one per plan (kept for its retakes)
     assert backend.opened == 4
 
 
@@ -128,6 +129,60 @@ def test_the_final_reading_records_drift_but_stays_as_measured(tiny_onnx):
     assert m.telemetry["host_drift"] > 2.0
     assert m.latency.median_ms > BUSY_SLEEP_S * 1e3  # the verdict's reading is the busy one, not normalised
     assert ctx.timings["measure"] > 0
+
+
+def test_rebase_restates_the_checks_against_the_new_reference(tiny_onnx):
+    probe = DriftProbe(OnnxRuntimeCPU(), tiny_onnx, SHAPE, 2.0, warmup=1, iterations=1, max_cv=0.1)
+    probe.checks = [0.5, 0.6]  # the baseline ran at 1.0 and 1.2 ms against a first reading of 2.0
+    probe.rebase(1.0)
+    assert probe.reference_ms == 1.0 and probe.checks == pytest.approx([1.0, 1.2])
+    with pytest.raises(ValueError, match="positive"):
+        probe.rebase(0.0)
+
+
+def _job_ctx(backend):
+    from types import SimpleNamespace
+
+    from compressor.console import StageConsole
+    from deploy.profiles import load_profile
+
+    return SimpleNamespace(backend=backend, batch_size=1, input_shape=SHAPE[1:], warmup=2, iterations=15,
+                           profile=load_profile("cpu"), console=StageConsole(quiet=True), timings={"measure": 0.0})
+
+
+def test_a_baseline_first_read_in_a_slow_moment_is_measured_again(tiny_onnx):
+    """The job's baseline was measured while the host was busy (3 ms of sleep a run); re-timed at once, on a
+    quiet host, it runs at a third of that. It is measured again, the faster measurement is kept, and the
+    probe judges every later reading against it: a plan as fast as the baseline then reads drift ~1, not ~0.4
+    (which would have scaled the plan's reading up 2.5x)."""
+    from compressor.pipeline import confirm_baseline, measure_onnx
+
+    host = _Host()
+    backend = _SharedHostOrt(host)
+    ctx = _job_ctx(backend)
+    host.busy = True
+    first = measure_onnx(ctx, tiny_onnx, "baseline")
+    probe = DriftProbe(backend, tiny_onnx, SHAPE, first.latency.median_ms, warmup=2, iterations=15, max_cv=0.1)
+    host.busy = False
+    kept, note = confirm_baseline(ctx, probe, first, tiny_onnx)
+    assert kept is not first and kept.latency.median_ms < 0.6 * first.latency.median_ms
+    retake = kept.telemetry["baseline_retake"]
+    assert retake["first_median_ms"] == first.latency.median_ms and retake["kept"] == "again"
+    assert retake["check_drift"] < 0.6
+    assert probe.reference_ms == kept.latency.median_ms and "measured again" in note
+    assert abs(probe.plan_reading(tiny_onnx, pause_s=0).host_drift - 1.0) < 0.3
+
+
+def test_a_baseline_confirmed_on_a_steady_host_is_kept_as_measured(tiny_onnx):
+    from compressor.pipeline import confirm_baseline, measure_onnx
+
+    backend = _SharedHostOrt(_Host())
+    ctx = _job_ctx(backend)
+    first = measure_onnx(ctx, tiny_onnx, "baseline")
+    probe = DriftProbe(backend, tiny_onnx, SHAPE, first.latency.median_ms, warmup=2, iterations=15, max_cv=0.1)
+    kept, note = confirm_baseline(ctx, probe, first, tiny_onnx)
+    assert kept is first and note == "" and "baseline_retake" not in kept.telemetry
+    assert probe.reference_ms == first.latency.median_ms and len(probe.checks) == 1
 
 
 # The speedup verdict: a baseline (4 ms a run) and a plan (2 ms) on a host that, while busy, adds 4 ms to
@@ -163,9 +218,10 @@ class _StolenTimeRunner(_SharedHostRunner):
 class _StolenTimeOrt(OnnxRuntimeCPU):
     def __init__(self, host: _CountdownHost):
         super().__init__(intra_op_threads=1)
-        self.host = host
+        self.host, self.opened = host, 0
 
     def create_runner(self, onnx_path):
+        self.opened += 1
         return _StolenTimeRunner(super().create_runner(onnx_path), self.host, BASE_SLEEP_S[Path(onnx_path).name])
 
 
@@ -242,7 +298,9 @@ def test_a_plan_read_on_a_disturbed_host_is_read_again(tiny_onnx, tmp_path):
     host = _CountdownHost()
     probe, plan = _verdict_probe(tiny_onnx, tmp_path, host)
     host.busy_runs = 2 * (2 + 40)  # exactly the first reading
+    opened = probe.backend.opened
     reading = probe.plan_reading(plan, pause_s=0)
+    assert probe.backend.opened == opened + 1  # the plan's runner serves both readings (one TensorRT build)
     busy, quiet = reading.settled.readings
     assert busy.disturbed and busy.pair.subject_ms > 2.5 * quiet.pair.subject_ms
     assert reading.settled.kept is quiet and reading.latency_ms == quiet.pair.subject_ms

@@ -217,8 +217,11 @@ def _compress_job(cell: Cell, budget: float, clock: StageClock, *, importance: s
     table_info = report.get("latency_model") or {}
     verdict = report["compressed"].get("speedup")  # the final speed-up, timed side by side (taken again
     verdict_pairs = 2 * len(verdict.get("readings") or [verdict]) if verdict else 0  # on a disturbed host)
+    # the baseline re-timed at once (measured again when that read it faster)
+    baseline_tel = ((report.get("environment") or {}).get("telemetry") or {}).get("baseline") or {}
+    baseline_checks = int(report.get("latency_source") == "measured") + int("baseline_retake" in baseline_tel)
     # baseline + the loop's plans + its own final measurement + the table's builds (cached or not)
-    extra = (2 + plan_readings + final_check + verdict_pairs
+    extra = (2 + baseline_checks + plan_readings + final_check + verdict_pairs
              + int(table_info.get("provenance", {}).get("variants", 0)))
     probes = [{"iteration": e["iteration"], "predicted_ms": e.get("predicted_latency_ms"),
                "latency_ms": e.get("measured_latency_ms"),
