@@ -39,20 +39,28 @@ class _SharedHostRunner:
         self.input_name, self.output_names = inner.input_name, inner.output_names
         self.input_shape, self.settings = inner.input_shape, inner.settings
 
+    def sleep_s(self) -> float:
+        return BUSY_SLEEP_S if self.host.busy else QUIET_SLEEP_S
+
     def run(self, x: np.ndarray) -> np.ndarray:
         out = self.inner.run(x)
-        time.sleep(BUSY_SLEEP_S if self.host.busy else QUIET_SLEEP_S)
+        time.sleep(self.sleep_s())
         return out
 
 
 class _SharedHostOrt(OnnxRuntimeCPU):
-    def __init__(self, host: _Host):
+    """ONNX Runtime whose runners sleep as the host says (`wrap`), counting the runners it opens."""
+
+    def __init__(self, host):
         super().__init__(intra_op_threads=1)
         self.host, self.opened = host, 0
 
+    def wrap(self, runner, onnx_path):
+        return _SharedHostRunner(runner, self.host)
+
     def create_runner(self, onnx_path):
         self.opened += 1
-        return _SharedHostRunner(super().create_runner(onnx_path), self.host)
+        return self.wrap(super().create_runner(onnx_path), onnx_path)
 
 
 def _probe(backend, onnx_path: Path) -> DriftProbe:
@@ -205,24 +213,17 @@ class _CountdownHost:
 
 
 class _StolenTimeRunner(_SharedHostRunner):
-    def __init__(self, inner, host: _CountdownHost, sleep_s: float):
+    def __init__(self, inner, host: _CountdownHost, base_sleep_s: float):
         super().__init__(inner, host)
-        self.sleep_s = sleep_s
+        self.base_sleep_s = base_sleep_s
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        out = self.inner.run(x)
-        time.sleep(self.sleep_s + self.host.stolen())
-        return out
+    def sleep_s(self) -> float:
+        return self.base_sleep_s + self.host.stolen()
 
 
-class _StolenTimeOrt(OnnxRuntimeCPU):
-    def __init__(self, host: _CountdownHost):
-        super().__init__(intra_op_threads=1)
-        self.host, self.opened = host, 0
-
-    def create_runner(self, onnx_path):
-        self.opened += 1
-        return _StolenTimeRunner(super().create_runner(onnx_path), self.host, BASE_SLEEP_S[Path(onnx_path).name])
+class _StolenTimeOrt(_SharedHostOrt):
+    def wrap(self, runner, onnx_path):
+        return _StolenTimeRunner(runner, self.host, BASE_SLEEP_S[Path(onnx_path).name])
 
 
 def _verdict_probe(tiny_onnx, tmp_path, host: _CountdownHost, *, busy_reference: bool = False
